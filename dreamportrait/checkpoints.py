@@ -1,0 +1,151 @@
+"""DreamPortrait model files: one ``.safetensors`` file per model, architecture config in its metadata.
+
+Loading goes through safetensors only, so opening a model file never unpickles or executes
+anything. Metadata keys: ``format`` ("dreamportrait"), ``format_version``, ``kind`` (what the
+file holds, e.g. "generator"), ``config`` (JSON) and any ``extra`` entries (each JSON-encoded).
+JSON turns tuples into lists, so configs come back with lists where tuples went in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FORMAT = "dreamportrait"
+FORMAT_VERSION = "1"
+RESERVED_KEYS = ("format", "format_version", "kind", "config")
+CONVERT_HINT = "convert an EG3D .pkl with `python -m dreamportrait.convert_eg3d`"
+
+
+class CheckpointError(ValueError):
+    """A model file is missing, unreadable or not what the caller asked for."""
+
+
+@dataclass
+class ModelMetadata:
+    """What a model file says about itself, read without touching the tensors."""
+
+    kind: str
+    config: dict
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelFile(ModelMetadata):
+    """A loaded model file: its metadata plus the tensors by name."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no two sharing storage (safetensors refuses shared memory)."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        tensor = tensor.detach().contiguous()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        if storage[1] != 0 and storage in seen:
+            tensor = tensor.clone()
+        seen.add((tensor.device, tensor.untyped_storage().data_ptr()))
+        out[name] = tensor
+    return out
+
+
+def _metadata(config: dict, kind: str, extra: dict | None) -> dict[str, str]:
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind}
+    for key, value in (("config", config), *(extra or {}).items()):
+        if key in metadata:
+            raise ValueError(f"extra key {key!r} is reserved; use another name (reserved: {RESERVED_KEYS})")
+        try:
+            metadata[key] = json.dumps(value)
+        except TypeError as exc:
+            raise ValueError(f"metadata entry {key!r} is not JSON-serialisable: {exc}") from exc
+    return metadata
+
+
+def save_model_file(path, tensors: dict[str, torch.Tensor], config: dict, kind: str,
+                    extra: dict | None = None) -> None:
+    """Write ``tensors`` and their config to ``path`` atomically (temp file, then os.replace)."""
+    path = Path(path)
+    metadata = _metadata(config, kind, extra)
+    tensors = _storable(tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _open_error(path: Path, exc: Exception) -> CheckpointError:
+    if not path.exists():
+        return CheckpointError(
+            f"model file {path} does not exist; download the DreamPortrait weights into checkpoints/, "
+            f"train a model, or {CONVERT_HINT}")
+    if path.is_file() and _looks_like_pickle(path):
+        return CheckpointError(
+            f"{path} is a Python pickle, not a DreamPortrait model file; {CONVERT_HINT}")
+    return CheckpointError(
+        f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}; "
+        "re-download or re-convert it")
+
+
+def _parse_metadata(path: Path, raw: dict[str, str] | None, expected_kind: str | None) -> ModelMetadata:
+    raw = dict(raw or {})
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a DreamPortrait model file (no format=dreamportrait "
+            f"metadata); {CONVERT_HINT}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {raw.get('format_version')!r}; this DreamPortrait reads "
+            f"{FORMAT_VERSION!r}; update DreamPortrait or re-convert the model")
+    kind = raw["kind"]
+    if expected_kind is not None and kind != expected_kind:
+        raise CheckpointError(f"{path} holds a {kind!r} model, expected a {expected_kind!r} model")
+    try:
+        config = json.loads(raw["config"])
+        extra = {key: json.loads(value) for key, value in raw.items() if key not in RESERVED_KEYS}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has corrupt metadata ({exc}); re-download or re-convert it") from exc
+    return ModelMetadata(kind=kind, config=config, extra=extra)
+
+
+def read_model_metadata(path, expected_kind: str | None = None) -> ModelMetadata:
+    """Kind, config and extra entries of a model file, without loading its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = f.metadata()
+    except (SafetensorError, OSError) as exc:
+        raise _open_error(path, exc) from exc
+    return _parse_metadata(path, raw, expected_kind)
+
+
+def load_model_file(path, expected_kind: str | None = None, device="cpu") -> ModelFile:
+    """Load a model file written by :func:`save_model_file` (safetensors only, no code runs)."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = _parse_metadata(path, f.metadata(), expected_kind)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise _open_error(path, exc) from exc
+    return ModelFile(kind=meta.kind, config=meta.config, extra=meta.extra, tensors=tensors)

@@ -1,0 +1,143 @@
+"""EG3D's dual discriminator: a pose-conditioned StyleGAN2 ResNet discriminator that judges the
+final image together with the (upsampled) raw neural render, stacked as 6 channels.
+
+Module names follow EG3D (``b{res}.fromrgb/conv0/conv1/skip``, ``mapping``, ``b4.*``) so that
+EG3D's pretrained discriminator loads by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dreamportrait.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Defaults are EG3D's FFHQ 512 discriminator."""
+    img_resolution: int = 512
+    img_channels: int = 3
+    c_dim: int = 25
+    channel_base: int = 32768
+    channel_max: int = 512
+    mapping_layers: int = 8
+    mbstd_group_size: int = 4
+    mbstd_num_channels: int = 1
+    disc_c_noise: float = 0.0
+
+    def channels(self, res: int) -> int:
+        return min(self.channel_base // res, self.channel_max)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiscriminatorConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown discriminator config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_eg3d_kwargs(cls, kw: dict) -> "DiscriminatorConfig":
+        """Build from EG3D's ``DualDiscriminator`` constructor kwargs (as in a pickle's init_kwargs)."""
+        epilogue = kw.get("epilogue_kwargs", {})
+        return cls(img_resolution=kw["img_resolution"], img_channels=kw.get("img_channels", 3),
+                   c_dim=kw.get("c_dim", 25), channel_base=kw.get("channel_base", 32768),
+                   channel_max=kw.get("channel_max", 512),
+                   mapping_layers=kw.get("mapping_kwargs", {}).get("num_layers", 8),
+                   mbstd_group_size=kw.get("mbstd_group_size", epilogue.get("mbstd_group_size", 4)),
+                   disc_c_noise=kw.get("disc_c_noise", 0.0))
+
+
+class DiscriminatorBlock(nn.Module):
+    """ResNet block: (fromRGB at the top resolution) conv3x3, conv3x3 + 2x down, 1x1 down skip."""
+
+    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, img_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        if in_channels == 0:
+            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, 1, activation="lrelu")
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, 3, activation="lrelu")
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, 3, activation="lrelu", down=2)
+        self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=2)
+
+    def forward(self, x: torch.Tensor | None, img: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 0:
+            y = self.fromrgb(img)
+            x = y if x is None else x + y
+        y = self.skip(x, gain=math.sqrt(0.5))
+        x = self.conv1(self.conv0(x), gain=math.sqrt(0.5))
+        return y + x
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int, num_channels: int = 1) -> torch.Tensor:
+    """Append the per-group standard deviation of features as extra channels."""
+    n, c, h, w = x.shape
+    g = min(group_size, n)
+    if n % g != 0:
+        raise ValueError(f"batch size {n} must be a multiple of the minibatch-stddev group size {g}")
+    y = x.reshape(g, -1, num_channels, c // num_channels, h, w)
+    y = (y - y.mean(dim=0)).square().mean(dim=0)
+    y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4]).reshape(-1, num_channels, 1, 1)
+    return torch.cat([x, y.repeat(g, 1, h, w)], dim=1)
+
+
+class DiscriminatorEpilogue(nn.Module):
+    """4x4 head: minibatch stddev, conv, fc, output projected onto the camera embedding."""
+
+    def __init__(self, in_channels: int, cmap_dim: int, group_size: int, num_channels: int):
+        super().__init__()
+        self.cmap_dim, self.group_size, self.num_channels = cmap_dim, group_size, num_channels
+        self.conv = Conv2dLayer(in_channels + num_channels, in_channels, 3, activation="lrelu")
+        self.fc = FullyConnectedLayer(in_channels * 16, in_channels, activation="lrelu")
+        self.out = FullyConnectedLayer(in_channels, cmap_dim if cmap_dim > 0 else 1)
+
+    def forward(self, x: torch.Tensor, cmap: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(torch.float32)
+        if self.num_channels > 0:
+            x = minibatch_stddev(x, self.group_size, self.num_channels)
+        x = self.out(self.fc(self.conv(x).flatten(1)))
+        if cmap is not None:
+            x = (x * cmap).sum(dim=1, keepdim=True) * (1 / math.sqrt(self.cmap_dim))
+        return x
+
+
+class DualDiscriminator(nn.Module):
+    """D({'image', 'image_raw'}, c) -> logits (B, 1)."""
+
+    def __init__(self, config: DiscriminatorConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or DiscriminatorConfig()
+        res_log2 = int(math.log2(cfg.img_resolution))
+        self.resolutions = [2 ** i for i in range(res_log2, 2, -1)]
+        img_channels = cfg.img_channels * 2
+        for res in self.resolutions:
+            in_ch = cfg.channels(res) if res < cfg.img_resolution else 0
+            setattr(self, f"b{res}", DiscriminatorBlock(in_ch, cfg.channels(res), cfg.channels(res // 2), img_channels))
+        cmap_dim = cfg.channels(4) if cfg.c_dim > 0 else 0
+        if cfg.c_dim > 0:
+            self.mapping = MappingNetwork(0, cfg.c_dim, cmap_dim, num_ws=None, num_layers=cfg.mapping_layers,
+                                          w_avg_beta=None)
+        self.b4 = DiscriminatorEpilogue(cfg.channels(4), cmap_dim, cfg.mbstd_group_size, cfg.mbstd_num_channels)
+
+    def forward(self, img: dict[str, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+        size = img["image"].shape[-1]
+        raw = F.interpolate(img["image_raw"], size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=True)
+        x_img = torch.cat([img["image"], raw], dim=1)
+        x = None
+        for res in self.resolutions:
+            x = getattr(self, f"b{res}")(x, x_img)
+        cmap = None
+        if self.config.c_dim > 0:
+            if self.config.disc_c_noise > 0:
+                c = c + torch.randn_like(c) * c.std(0) * self.config.disc_c_noise
+            cmap = self.mapping(None, c)
+        return self.b4(x, cmap)
