@@ -53,7 +53,7 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         storage = (tensor.device, tensor.untyped_storage().data_ptr())
         if storage[1] != 0 and storage in seen:
             tensor = tensor.clone()
-        seen.add((tensor.device, tensor.untyped_storage().data_ptr()))
+        seen.add(storage)
         out[name] = tensor
     return out
 
@@ -117,14 +117,14 @@ def _parse_metadata(path: Path, raw: dict[str, str] | None, expected_kind: str |
         raise CheckpointError(
             f"{path} has format_version {raw.get('format_version')!r}; this DreamPortrait reads "
             f"{FORMAT_VERSION!r}; update DreamPortrait or re-convert the model")
-    kind = raw["kind"]
-    if expected_kind is not None and kind != expected_kind:
-        raise CheckpointError(f"{path} holds a {kind!r} model, expected a {expected_kind!r} model")
     try:
+        kind = raw["kind"]
         config = json.loads(raw["config"])
         extra = {key: json.loads(value) for key, value in raw.items() if key not in RESERVED_KEYS}
     except (KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} has corrupt metadata ({exc}); re-download or re-convert it") from exc
+        raise CheckpointError(f"{path} has corrupt metadata ({exc!r}); re-download or re-convert it") from exc
+    if expected_kind is not None and kind != expected_kind:
+        raise CheckpointError(f"{path} holds a {kind!r} model, expected a {expected_kind!r} model")
     return ModelMetadata(kind=kind, config=config, extra=extra)
 
 

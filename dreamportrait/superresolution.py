@@ -8,7 +8,11 @@ all modulated by the generator's last style vector.
 |-----------------------------|-------|-------------------------------|--------|
 | SuperresolutionHybrid2X     | 64    | (128, no), (64, yes)          | 128    |
 | SuperresolutionHybrid4X     | 128   | (128, no), (64, yes)          | 256    |
+| SuperresolutionHybrid8X     | 128   | (128, yes), (64, yes)         | 512    |
 | SuperresolutionHybrid8XDC   | 128   | (256, yes), (128, yes)        | 512    |
+
+(EG3D's 4X resizes only inputs smaller than 128; for the neural resolutions it is used with,
+at most 128, that is the same as resizing any other size.)
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ EG3D_SR_MODULES = {
                                                              sr_upsample=(False, True)),
     "training.superresolution.SuperresolutionHybrid4X": dict(sr_input_resolution=128, sr_channels=(128, 64),
                                                              sr_upsample=(False, True)),
+    "training.superresolution.SuperresolutionHybrid8X": dict(sr_input_resolution=128, sr_channels=(128, 64),
+                                                             sr_upsample=(True, True)),
     "training.superresolution.SuperresolutionHybrid8XDC": dict(sr_input_resolution=128, sr_channels=(256, 128),
                                                                sr_upsample=(True, True)),
 }

@@ -1,0 +1,238 @@
+"""Frozen Stable-Diffusion-style teacher for distribution score distillation.
+
+A teacher is the five components of a diffusers Stable Diffusion pipeline folder:
+``unet`` (``UNet2DConditionModel``, epsilon prediction), ``vae`` (``AutoencoderKL``),
+``scheduler`` (any beta-schedule scheduler; loaded as ``DDPMScheduler`` since only
+``alphas_cumprod`` and ``add_noise`` are used), ``text_encoder`` (``CLIPTextModel``) and
+``tokenizer`` (``CLIPTokenizer``). Paper scale: ``stabilityai/stable-diffusion-2-base`` from a
+local folder or the Hugging Face cache (never downloaded here); synthetic world: a local folder
+(see ``train.tiny_teacher``).
+
+All components are frozen (eval mode, ``requires_grad_(False)``) and no gradient is ever
+stored in them. The U-Net and text encoder may run in half precision (``dtype``); the VAE
+encoder runs in fp32 by default (``vae_dtype``) because the gradient flows through it, and
+every tensor handed back is fp32.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+_FOLDER_LAYOUT = (
+    "a Stable-Diffusion-style pipeline folder must contain unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), "
+    "scheduler/ (a DDPM-family scheduler config), text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer), "
+    "as diffusers' StableDiffusionPipeline.save_pretrained writes them")
+
+
+class TeacherError(ValueError):
+    """The teacher folder or components are missing, of the wrong kind, or incompatible."""
+
+
+def resolve_teacher_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is, or a Hugging Face repo id resolved from the local cache only."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    looks_like_repo_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if looks_like_repo_id:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError) as error:
+            raise FileNotFoundError(
+                f"teacher {text!r} is neither a local folder nor in the Hugging Face cache ({error}); "
+                f"nothing is downloaded here: fetch it where there is network access, e.g. "
+                f"`huggingface-cli download {text} --include '*.json' '*.txt' '*.safetensors'`, "
+                f"then pass the folder or set HF_HOME to that cache") from error
+    raise FileNotFoundError(f"teacher folder {path} does not exist; {_FOLDER_LAYOUT}")
+
+
+def _read_config(folder: Path, component: str, filename: str) -> dict:
+    file = folder / component / filename
+    if not (folder / component).is_dir():
+        raise TeacherError(f"teacher folder {folder} has no '{component}' component; {_FOLDER_LAYOUT}")
+    if not file.is_file():
+        raise TeacherError(f"teacher component '{component}' lacks {file.name} in {file.parent}; {_FOLDER_LAYOUT}")
+    return json.loads(file.read_text())
+
+
+def _expect(component: str, found: str | None, allowed: Sequence[str]):
+    if found not in allowed:
+        raise TeacherError(
+            f"teacher component '{component}' is a {found!r}, expected {' or '.join(allowed)}; {_FOLDER_LAYOUT}")
+
+
+def check_teacher_folder(folder: Path):
+    """Validate every component's presence and class from its config file, before loading weights."""
+    from diffusers import DDPMScheduler
+
+    _expect("unet", _read_config(folder, "unet", "config.json").get("_class_name"), ["UNet2DConditionModel"])
+    _expect("vae", _read_config(folder, "vae", "config.json").get("_class_name"), ["AutoencoderKL"])
+    scheduler = _read_config(folder, "scheduler", "scheduler_config.json")
+    beta_schedulers = [name for name in DDPMScheduler._compatibles if name != "EDMEulerScheduler"]
+    _expect("scheduler", scheduler.get("_class_name"), beta_schedulers)
+    text = _read_config(folder, "text_encoder", "config.json")
+    _expect("text_encoder", (text.get("architectures") or [None])[0], ["CLIPTextModel"])
+    tokenizer = folder / "tokenizer"
+    if not tokenizer.is_dir():
+        raise TeacherError(f"teacher folder {folder} has no 'tokenizer' component; {_FOLDER_LAYOUT}")
+    if not ((tokenizer / "tokenizer.json").is_file()
+            or ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())):
+        raise TeacherError(
+            f"teacher component 'tokenizer' in {tokenizer} has neither tokenizer.json nor vocab.json + merges.txt; "
+            f"{_FOLDER_LAYOUT}")
+    config_file = tokenizer / "tokenizer_config.json"
+    if config_file.is_file():
+        found = json.loads(config_file.read_text()).get("tokenizer_class")
+        if found is not None:
+            _expect("tokenizer", found, ["CLIPTokenizer", "CLIPTokenizerFast"])
+
+
+def _config(module, component: str, keys: Sequence[str]):
+    config = getattr(module, "config", None)
+    missing = [key for key in keys if not hasattr(config, key)]
+    if missing:
+        raise TeacherError(f"teacher {component} {type(module).__name__} has no config.{', config.'.join(missing)}")
+    return config
+
+
+class DiffusionTeacher:
+    """Frozen text-to-image latent diffusion model used as the score-distillation prior.
+
+    Build it from a folder with :meth:`from_pretrained`, or from modules that follow the
+    diffusers/transformers interfaces (``vae.encode(x).latent_dist``, ``unet(x, t,
+    encoder_hidden_states=...).sample``, ``scheduler.add_noise`` / ``alphas_cumprod``).
+    Not an ``nn.Module``, so its weights never end up in a trainable model's state or optimiser.
+    """
+
+    def __init__(self, unet, vae, scheduler, text_encoder, tokenizer, *, device="cpu",
+                 dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
+        unet_config = _config(unet, "unet", ["in_channels", "cross_attention_dim"])
+        vae_config = _config(vae, "vae", ["scaling_factor", "latent_channels", "sample_size"])
+        scheduler_config = _config(scheduler, "scheduler", ["num_train_timesteps", "prediction_type"])
+        text_config = _config(text_encoder, "text_encoder", ["hidden_size", "max_position_embeddings"])
+        if not hasattr(vae, "encode"):
+            raise TeacherError(f"teacher vae {type(vae).__name__} has no encode(); it must follow AutoencoderKL")
+        if not (hasattr(scheduler, "add_noise") and hasattr(scheduler, "alphas_cumprod")):
+            raise TeacherError(f"teacher scheduler {type(scheduler).__name__} lacks add_noise / alphas_cumprod; "
+                               "use a DDPM-family scheduler (DDPMScheduler, DDIMScheduler, PNDMScheduler, ...)")
+        if scheduler_config.prediction_type != "epsilon":
+            raise TeacherError(f"teacher predicts {scheduler_config.prediction_type!r}; distribution SDS needs an "
+                               "epsilon-prediction model such as stable-diffusion-2-base (not the 768-v model)")
+        if unet_config.in_channels != vae_config.latent_channels:
+            raise TeacherError(f"unet takes {unet_config.in_channels} channels but the vae makes "
+                               f"{vae_config.latent_channels}-channel latents; the components do not belong together")
+        if unet_config.cross_attention_dim != text_config.hidden_size:
+            raise TeacherError(f"unet cross-attends to {unet_config.cross_attention_dim}-d features but the text "
+                               f"encoder gives {text_config.hidden_size}-d ones; the components do not belong together")
+        if not callable(tokenizer):
+            raise TeacherError(f"teacher tokenizer {type(tokenizer).__name__} is not callable")
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.scheduler, self.tokenizer = scheduler, tokenizer
+        self.dtype, self.vae_dtype = dtype, vae_dtype
+        for module in (unet, vae, text_encoder):
+            module.eval().requires_grad_(False)
+        self.to(device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device="cpu",
+                        dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
+        """Load a pipeline folder (or a cached HF repo id) component by component, offline."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = resolve_teacher_folder(name_or_path)
+        check_teacher_folder(folder)
+        return cls(
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
+            scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+            device=device, dtype=dtype, vae_dtype=vae_dtype)
+
+    def to(self, device) -> "DiffusionTeacher":
+        """Move the networks (U-Net and text encoder in ``dtype``, VAE in ``vae_dtype``) to a device."""
+        self.device = torch.device(device)
+        self.unet.to(self.device, self.dtype)
+        self.text_encoder.to(self.device, self.dtype)
+        self.vae.to(self.device, self.vae_dtype)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._uncond = None
+        return self
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        for module in (self.unet, self.vae, self.text_encoder):
+            yield from module.parameters()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text conditioning (B, L, D) in fp32: the text encoder's ``last_hidden_state``.
+
+        For SD2 folders this is already OpenCLIP ViT-H's penultimate layer after the final
+        layer norm (diffusers drops the last block), i.e. SD2's own conditioning.
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("encode_prompts takes a list of strings, one prompt per image")
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=self.text_encoder.config.max_position_embeddings).input_ids
+        return self.text_encoder(ids.to(self.device)).last_hidden_state.float()
+
+    def uncond_embedding(self) -> torch.Tensor:
+        """Embedding (1, L, D) of the empty prompt, the unconditional branch of guidance (cached)."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents (fp32) of images in [-1, 1], keeping the encoder's autograd graph.
+
+        Images whose size differs from the VAE's ``sample_size`` are resized bilinearly with
+        antialiasing first. The latent is the posterior *mean* (StyleGANFusion, the SDS-on-EG3D
+        precedent, uses it too): deterministic, and SD's posterior std is tiny, so a sample
+        would only add noise to the gradient. Multiplied by ``vae.config.scaling_factor``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"encode_images takes float RGB images (B, 3, H, W) in [-1, 1], got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        size = self.vae.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
+        return posterior.mean.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def predict_noise(self, latents_t: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
+                      uncond_emb: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free-guided noise prediction in fp32, one batched U-Net call, no gradient.
+
+        eps_hat = eps_uncond + s * (eps_text - eps_uncond) (the diffusers / stable-dreamfusion
+        convention; threestudio's eps_text + s * (...) equals this with s + 1).
+        """
+        batch = latents_t.shape[0]
+        if timesteps.shape != (batch,) or text_emb.shape[0] != batch:
+            raise ValueError(f"predict_noise needs one timestep and one text embedding per latent: latents "
+                             f"{tuple(latents_t.shape)}, timesteps {tuple(timesteps.shape)}, "
+                             f"text {tuple(text_emb.shape)}")
+        if uncond_emb.shape[0] not in (1, batch) or uncond_emb.shape[1:] != text_emb.shape[1:]:
+            raise ValueError(f"uncond embedding {tuple(uncond_emb.shape)} does not match text {tuple(text_emb.shape)}")
+        context = torch.cat([uncond_emb.expand_as(text_emb), text_emb]).to(self.device, self.dtype)
+        noisy = torch.cat([latents_t, latents_t]).to(self.device, self.dtype)
+        eps = self.unet(noisy, torch.cat([timesteps, timesteps]).to(self.device),
+                        encoder_hidden_states=context).sample.float()
+        eps_uncond, eps_text = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_text - eps_uncond)
