@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .checkpoints import load_model_file, save_model_file
 from .cameras import FFHQ_DATASET_FOCAL, camera_label
 from .layers import MappingNetwork, SynthesisBlock
 from .renderer import ImportanceRenderer, OSGDecoder, RenderOptions, sample_rays
@@ -196,9 +197,10 @@ class TriPlaneGenerator(nn.Module):
 
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, noise_mode: str = "random",
                   neural_rendering_resolution: int | None = None, deterministic: bool = False,
-                  block_hook: BlockHook | None = None, **render_kwargs) -> dict[str, torch.Tensor]:
-        planes = self.synthesize_planes(ws, noise_mode=noise_mode, block_hook=block_hook)
-        out = self.render(planes, ws, c, neural_rendering_resolution, deterministic, **render_kwargs)
+                  depth_multiplier: int = 1, **cond) -> dict[str, torch.Tensor]:
+        """ws -> planes -> render from c. ``cond`` goes to :meth:`synthesize_planes`."""
+        planes = self.synthesize_planes(ws, noise_mode=noise_mode, **cond)
+        out = self.render(planes, ws, c, neural_rendering_resolution, deterministic, depth_multiplier)
         out["planes"] = planes
         return out
 
@@ -213,9 +215,30 @@ class TriPlaneGenerator(nn.Module):
         """Raw density (N, M, 1) and features (N, M, C) of world points (N, M, 3) from planes."""
         return self.renderer.query(planes, self.decoder, points, self.config.box_warp)
 
-    def sample_mixed(self, points: torch.Tensor, ws: torch.Tensor, noise_mode: str = "random"):
+    def sample_mixed(self, points: torch.Tensor, ws: torch.Tensor, noise_mode: str = "random", **cond):
         """EG3D's ``sample_mixed``: synthesise planes from ws and sample density/features at points."""
-        return self.sample_planes(self.synthesize_planes(ws, noise_mode=noise_mode), points)
+        return self.sample_planes(self.synthesize_planes(ws, noise_mode=noise_mode, **cond), points)
+
+    # Checkpoints -------------------------------------------------------------------------
+    KIND = "triplane-generator"
+
+    def checkpoint_config(self) -> dict:
+        return {"generator": self.config.to_dict()}
+
+    def save_pretrained(self, path, extra: dict | None = None) -> None:
+        """Write one .safetensors file with the architecture config in its metadata (atomic)."""
+        save_model_file(path, self.state_dict(), self.checkpoint_config(), self.KIND, extra)
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict) -> "TriPlaneGenerator":
+        return cls(GeneratorConfig.from_dict(config["generator"]))
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu") -> "TriPlaneGenerator":
+        f = load_model_file(path, expected_kind=cls.KIND, device=device)
+        model = cls.from_checkpoint_config(f.config)
+        model.load_state_dict(f.tensors, strict=True)
+        return model.to(device).eval()
 
     def conditioning_label(self, batch: int = 1, device=None) -> torch.Tensor:
         """The frontal camera EG3D's inference scripts condition the mapping on."""

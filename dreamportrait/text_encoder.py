@@ -17,6 +17,8 @@ Two routes give the same features for the same weights:
   feature. :func:`save_sd_text_encoder` writes an open_clip tower in that layout, which is how
   the tests prove both routes agree and how the synthetic world can ship its own small CLIP.
 
+Both routes tokenize with open_clip's BPE tokenizer (SD2 was trained with it; see
+:meth:`TextEncoder.from_sd_pipeline` for why diffusers' tokenizer is not used for encoding).
 CLIP's BPE vocabulary puts EOT (49407) above every other id and pads with 0, so the EOT
 position is ``argmax`` of the token ids (open_clip's ``text_global_pool`` and transformers'
 legacy pooling use the same rule).
@@ -28,6 +30,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -179,17 +182,6 @@ def open_clip_tokenizer(context_length: int) -> Tokenize:
     return tokenize
 
 
-def transformers_tokenizer(tok, context_length: int) -> Tokenize:
-    """A transformers CLIP tokenizer padded/truncated to ``context_length`` like open_clip's."""
-    def tokenize(prompts):
-        ids = tok(list(prompts), padding="max_length", max_length=context_length, truncation=True,
-                  return_tensors="pt").input_ids
-        counts = torch.tensor([len(x) for x in tok(list(prompts), add_special_tokens=False).input_ids],
-                              dtype=torch.long)
-        return ids, counts
-    return tokenize
-
-
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     """Run a model constructor with a private, seeded RNG so random weights are reproducible."""
     with torch.random.fork_rng(devices=[]):
@@ -278,9 +270,9 @@ class TextEncoder(nn.Module):
         except Exception as err:  # open_clip raises several types for missing configs/weights
             raise RuntimeError(
                 f"could not build open_clip model {model_name!r} with pretrained={pretrained!r}: {err}. "
-                "Weights must already be in the open_clip cache (or pass a local file); alternatively "
-                "use TextEncoder.from_sd_pipeline(<Stable Diffusion 2 folder>) which carries the same "
-                "ViT-H text tower") from err
+                "Nothing is downloaded here: pretrained weights must already be in the open_clip cache "
+                "(or pass a local weights file); alternatively use TextEncoder.from_sd_pipeline("
+                "<Stable Diffusion 2 folder>), which carries the same ViT-H text tower") from err
         text = getattr(model, "text", model)  # CustomTextCLIP keeps its tower under .text
         identity = {"source": "open_clip", "model_name": model_name, "pretrained": pretrained}
         if pretrained is None:
@@ -310,20 +302,27 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_sd_pipeline(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "TextEncoder":
         """The ``text_encoder`` (transformers ``CLIPTextModel``) and ``tokenizer`` subfolders of a
-        Stable-Diffusion-2-style pipeline folder; its last layer is already the penultimate one."""
+        Stable-Diffusion-2-style pipeline folder; its last layer is already the penultimate one.
+
+        The folder's tokenizer must hold CLIP's BPE vocabulary; prompts are then tokenized with
+        open_clip's tokenizer, as SD2 itself was trained: diffusers' ``CLIPTokenizer`` with SD2's
+        pad token ``"!"`` turns every "!" in a prompt into padding (diffusers issue #4153) and
+        skips open_clip's HTML unescaping, which would make the two routes disagree.
+        """
         from transformers import CLIPTextModel, CLIPTokenizer
         folder = Path(folder).resolve()
         for sub in (SD_TEXT_ENCODER_DIR, SD_TOKENIZER_DIR):
             if not (folder / sub).is_dir():
                 raise FileNotFoundError(f"{folder / sub} not found: a Stable Diffusion 2 pipeline folder "
                                         f"needs '{SD_TEXT_ENCODER_DIR}' and '{SD_TOKENIZER_DIR}' subfolders")
-        model = CLIPTextModel.from_pretrained(folder / SD_TEXT_ENCODER_DIR, dtype=dtype, local_files_only=True)
         tok = CLIPTokenizer.from_pretrained(folder / SD_TOKENIZER_DIR, local_files_only=True)
+        if tok.get_vocab() != _clip_vocabulary():
+            raise ValueError(f"{folder / SD_TOKENIZER_DIR} does not hold CLIP's BPE vocabulary; only CLIP text "
+                             "encoders (like Stable Diffusion 2's OpenCLIP ViT-H) are supported")
+        model = CLIPTextModel.from_pretrained(folder / SD_TEXT_ENCODER_DIR, dtype=dtype, local_files_only=True)
         tower = TransformersPenultimate(model)
-        if tok.eos_token_id != _EOT_ID:
-            raise ValueError(f"tokenizer EOT id is {tok.eos_token_id}, expected CLIP's {_EOT_ID}")
         identity = {"source": "sd_pipeline", "folder": str(folder)}
-        return cls(tower, transformers_tokenizer(tok, tower.context_length), tok.eos_token_id, identity)
+        return cls(tower, open_clip_tokenizer(tower.context_length), _EOT_ID, identity)
 
     @classmethod
     def from_identity(cls, identity: dict) -> "TextEncoder":
@@ -378,14 +377,14 @@ def to_clip_text_model(tower: OpenClipPenultimate):
         hidden_act=_hidden_act(blk0.mlp.gelu), layer_norm_eps=tower.ln_final.eps,
         bos_token_id=0, eos_token_id=2, pad_token_id=1)
     src = {k: v.detach() for k, v in tower.state_dict().items()}
-    dst = {"text_model.embeddings.token_embedding.weight": src["token_embedding.weight"],
-           "text_model.embeddings.position_embedding.weight": src["positional_embedding"],
-           "text_model.final_layer_norm.weight": src["ln_final.weight"],
-           "text_model.final_layer_norm.bias": src["ln_final.bias"]}
+    dst = {"embeddings.token_embedding.weight": src["token_embedding.weight"],
+           "embeddings.position_embedding.weight": src["positional_embedding"],
+           "final_layer_norm.weight": src["ln_final.weight"],
+           "final_layer_norm.bias": src["ln_final.bias"]}
     pairs = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     for i in range(len(tower.blocks)):
-        a, b = f"blocks.{i}.", f"text_model.encoder.layers.{i}."
+        a, b = f"blocks.{i}.", f"encoder.layers.{i}."
         for old, new in pairs.items():
             for p in ("weight", "bias"):
                 dst[f"{b}{new}.{p}"] = src[f"{a}{old}.{p}"]
@@ -397,15 +396,23 @@ def to_clip_text_model(tower: OpenClipPenultimate):
     return model.eval()
 
 
+@lru_cache(maxsize=1)
+def _clip_vocabulary() -> dict[str, int]:
+    """CLIP's BPE vocabulary (from open_clip's packaged file) with transformers' special-token names."""
+    from open_clip.tokenizer import SimpleTokenizer
+    vocab = {tok: i for tok, i in SimpleTokenizer().encoder.items() if i < _SOT_ID}
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = _SOT_ID, _EOT_ID
+    return vocab
+
+
 def clip_tokenizer_for_transformers(context_length: int):
-    """transformers ``CLIPTokenizer`` with open_clip's BPE vocabulary and SD2's padding token ``"!"`` (id 0)."""
+    """transformers ``CLIPTokenizer`` with CLIP's BPE vocabulary and SD2's padding token ``"!"`` (id 0)."""
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
-    simple = SimpleTokenizer()
-    vocab = {tok: i for tok, i in simple.encoder.items() if i < _SOT_ID}
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = _SOT_ID, _EOT_ID
-    merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=context_length)
+    ranks = SimpleTokenizer().bpe_ranks
+    merges = [pair for pair, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=dict(_clip_vocabulary()), merges=merges, pad_token="!",
+                         model_max_length=context_length)
 
 
 def save_sd_text_encoder(encoder: TextEncoder, folder: str | os.PathLike) -> Path:
@@ -414,17 +421,24 @@ def save_sd_text_encoder(encoder: TextEncoder, folder: str | os.PathLike) -> Pat
 
     Each subfolder is written to a temporary folder first and then moved into place.
     """
+    from safetensors.torch import save_file
     if not isinstance(encoder.tower, OpenClipPenultimate):
         raise ValueError("only open_clip-backed encoders can be saved; an SD-pipeline encoder is already a folder")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = to_clip_text_model(encoder.tower)
     tok = clip_tokenizer_for_transformers(encoder.context_length)
-    for sub, obj in ((SD_TEXT_ENCODER_DIR, model), (SD_TOKENIZER_DIR, tok)):
+    for sub in (SD_TEXT_ENCODER_DIR, SD_TOKENIZER_DIR):
         tmp = Path(tempfile.mkdtemp(prefix=f".{sub}-", dir=folder))
-        obj.save_pretrained(tmp)
         if sub == SD_TEXT_ENCODER_DIR:
+            # Keys carry the "text_model." prefix of the published SD2 file, so loading this folder
+            # exercises the same path as loading the real teacher.
+            model.config.save_pretrained(tmp)
+            save_file({f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "dreamportrait_source.json").write_text(json.dumps(encoder.describe(), indent=2))
+        else:
+            tok.save_pretrained(tmp)
         target = folder / sub
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{sub}-old-", dir=folder))

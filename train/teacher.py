@@ -163,9 +163,10 @@ class DiffusionTeacher:
     def to(self, device) -> "DiffusionTeacher":
         """Move the networks (U-Net and text encoder in ``dtype``, VAE in ``vae_dtype``) to a device."""
         self.device = torch.device(device)
-        self.unet.to(self.device, self.dtype)
-        self.text_encoder.to(self.device, self.dtype)
-        self.vae.to(self.device, self.vae_dtype)
+        for module, dtype in ((self.unet, self.dtype), (self.text_encoder, self.dtype), (self.vae, self.vae_dtype)):
+            if any(p.dtype != dtype for p in module.parameters()):  # diffusers warns on every dtype cast
+                module.to(dtype=dtype)
+            module.to(self.device)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._uncond = None
         return self

@@ -1,0 +1,134 @@
+"""Attributes -> numbers: the per-part parameters of one identity's head.
+
+Discrete attributes set the shapes and colours; a per-identity style generator (seeded by the
+identity seed) adds small continuous variation (proportions, hair volume, colour jitter) so
+that two identities with the same attributes still differ.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import heads
+from .attributes import Identity
+
+FACE_SHAPE = {"round": (1.08, 0.95, 1.25), "oval": (1.0, 1.0, 1.0), "narrow": (0.9, 1.05, 0.8)}
+
+
+def _jitter(rng: np.random.Generator, colour, amount: float = 0.04) -> np.ndarray:
+    return np.clip(np.asarray(colour) * (1.0 + rng.uniform(-amount, amount, 3)), 0.0, 1.0)
+
+
+def _brow_colour(a: dict, rng: np.random.Generator) -> np.ndarray:
+    """Eyebrows: a darker shade of the hair; grey with old age; a dark shade when bald."""
+    hair = a["hair_color"] or ("black", "brown", "blond")[rng.integers(3)]
+    colour = np.asarray(heads.HAIR[hair]) * (0.55 if hair in ("blond", "red", "brown") else 0.75)
+    if hair == "white":
+        colour = np.asarray(heads.HAIR["gray"]) * 1.2
+    if a["age"] == "old" and hair not in ("gray", "white"):
+        colour = 0.4 * colour + 0.6 * np.asarray((0.62, 0.62, 0.62))
+    return np.clip(colour, 0.0, 1.0)
+
+
+def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
+    """part name -> parameter name -> values, for every part in :data:`heads.PARTS`."""
+    a = identity.attributes
+    rng = np.random.default_rng([identity.seed, 1])
+    man = a["gender"] == "man"
+    fw, fh, cheek = FACE_SHAPE[a["face_shape"]]
+    fw *= rng.uniform(0.97, 1.03)
+    broad = a["chin"] == "broad"
+    skin = _jitter(rng, heads.SKIN[a["skin_tone"]])
+    hair_key = a["hair_color"]
+    hair = _jitter(rng, heads.HAIR[hair_key]) if hair_key else np.asarray(heads.HAIR["black"])
+    brow = _brow_colour(a, rng)
+    eye_x = 0.052 * fw + rng.uniform(-0.002, 0.002)
+    eye_y = 0.032
+    tip_y = -0.04
+    big_nose = a["nose"] == "big"
+    p: dict[str, dict] = {}
+
+    p["skin"] = dict(
+        cranium_c=(0, 0.06, -0.015), cranium_r=(0.148 * fw, 0.19, 0.185),
+        jaw_c=(0, -0.05, 0.015), jaw_r=(0.122 * fw, 0.135 * fh, 0.15),
+        angle_c=((0.092 if man else 0.078) * fw, -0.105 * fh, 0.02),
+        angle_r=(0.04 if man else 0.032, 0.05, 0.07),
+        chin_c=(0, -0.162 * fh, 0.088), chin_r=((0.062 if broad else 0.03) * fw, 0.036, 0.045),
+        cheek_c=(0.068 * fw, -0.03, 0.085), cheek_r=(0.055 * cheek, 0.045 * cheek, 0.06),
+        bridge=(0, 0.03, 0.158), tip=(0, tip_y, 0.232 if big_nose else 0.205),
+        bridge_r=0.024 if big_nose else 0.015, tip_r=0.03 if big_nose else 0.02,
+        wing_c=(0.028 if big_nose else 0.02, -0.05, 0.178),
+        wing_r=(0.018, 0.014, 0.016) if big_nose else (0.013, 0.011, 0.013),
+        ear_c=(0.148 * fw, 0.0, -0.005), ear_r=(0.022, 0.05, 0.032),
+        neck_a=(0, -0.1, -0.02), neck_b=(0, -0.38, -0.04), neck_r=0.078 if man else 0.062,
+        skin=skin, blush=0.0 if man else 1.0, wrinkles=heads.WRINKLE[a["age"]])
+
+    big_eye = a["eye_size"] != "small"
+    er = 0.03 if big_eye else 0.021
+    p["eyes"] = dict(eye_c=(eye_x, eye_y, 0.15), eye_r=(er, 0.75 * er, 0.022),
+                     iris=_jitter(rng, heads.IRIS[a["eye_color"] or "brown"]),
+                     lid=0.45 if not man else 0.7)
+
+    arch = 0.02 if a["eyebrow_shape"] == "arched" else 0.0
+    p["eyebrows"] = dict(brow_in=(0.022, 0.078, 0.168), brow_mid=(0.055, 0.08 + arch, 0.166),
+                         brow_out=(0.088, 0.07, 0.148),
+                         brow_r=0.011 if a["eyebrow_thickness"] == "thick" else 0.0048, brow_rgb=brow)
+
+    mouth = a["mouth"]
+    lift = 0.014 if mouth == "smiling" else 0.0
+    gap = 0.022 if mouth == "open" else (0.008 if mouth == "smiling" else 0.0)
+    lips = heads.LIPSTICK if a["lips"] == "red lipstick" else skin * np.array((0.86, 0.6, 0.6))
+    full = 0.0 if man else 0.002
+    p["lips"] = dict(upper_mid=(0, -0.098, 0.172), lower_mid=(0, -0.117 - gap, 0.169),
+                     corner=(0.046 if mouth == "smiling" else 0.038, -0.107 + lift, 0.157),
+                     upper_r=0.009 + full, lower_r=0.011 + full, lip_rgb=lips)
+    p["mouth"] = dict(inside_c=(0, -0.109 - gap / 2, 0.16),
+                      inside_r=(0.034, 0.01 + gap * 0.5, 0.016) if mouth != "closed" else (0.02, 0.01, 0.01),
+                      inside_rgb=heads.TEETH if mouth == "smiling" else heads.MOUTH_INSIDE,
+                      has_mouth=float(mouth != "closed"))
+
+    style = a["hair_style"]
+    volume = rng.uniform(0.018, 0.03)
+    cr = np.array((0.148 * fw, 0.19, 0.185))
+    cap = dict(cap_c=(0, 0.06, -0.015), cap_r=cr + volume, hairline=(0.032, 0.7),
+               drop_c=(0, -0.05, -0.05), drop_r=(0.185 * fw, 0.33, 0.17), drop_y=-0.33, drop_front=0.012,
+               curl_amp=0.0, hair_rgb=hair)
+    hair_styles = {
+        "short": dict(cap),
+        "long": dict(cap, cap_r=cr + volume + 0.008),
+        "bangs": dict(cap, cap_r=cr + volume + 0.006, hairline=(-0.01, 0.63),
+                      drop_c=(0, -0.0, -0.03), drop_r=(0.178 * fw, 0.2, 0.17), drop_y=-0.145),
+        "curly": dict(cap, cap_c=(0, 0.07, -0.02), cap_r=cr + (0.055, 0.045, 0.05),
+                      hairline=(-0.02, 0.62), curl_amp=0.011),
+    }
+    for name, values in hair_styles.items():
+        p[f"hair_{name}"] = dict(values, **{f"is_{name}": float(style == name)})
+
+    beard = a["beard"]
+    facial_hair = np.clip(hair * 0.8 if hair_key else brow, 0.0, 1.0)
+    p["mustache"] = dict(must_mid=(0, -0.081, 0.186), must_side=(0.035, -0.087, 0.176),
+                         must_end=(0.052, -0.113, 0.16), must_r=0.011, beard_rgb=facial_hair,
+                         has_mustache=float(beard != "none"))
+    p["beard"] = dict(beard_c=(0, -0.062, 0.02), beard_r=(0.122 * fw + 0.02, 0.135 * fh + 0.022, 0.17),
+                      beard_top=(-0.075, 0.6), beard_back=-0.03,
+                      mouth_c=(0, -0.108, 0.175), mouth_r=(0.048, 0.024, 0.05),
+                      beard_rgb=facial_hair, has_beard=float(beard == "full beard"))
+
+    frame = dict(rim_c=(eye_x, eye_y, 0.197), rim_size=(0.037, 0.026, 0.012), rim_r=0.0065,
+                 bridge_a=(0.0, eye_y + 0.006, 0.198), bridge_b=(0.016, eye_y + 0.006, 0.198),
+                 arm_a=(eye_x + 0.038, eye_y + 0.006, 0.19), arm_b=(0.152 * fw, eye_y + 0.015, 0.0))
+    p["glasses"] = dict(frame, has_frame=float(a["glasses"] != "none"))
+    p["lenses"] = dict(frame, has_lens=float(a["glasses"] == "sunglasses"))
+
+    p["earrings"] = dict(stud=(0.152 * fw, -0.045, 0.03), ball=(0.157 * fw, -0.085, 0.038), ball_r=0.017,
+                         has_earrings=float(a["earrings"] == "earrings"))
+
+    p["clothing"] = dict(chest_c=(0, -0.45, -0.04), chest_r=(0.25, 0.17, 0.15),
+                         shoulder_a=(0.06, -0.325, -0.05), shoulder_b=(0.24, -0.345, -0.05),
+                         shoulder_r=0.075 if man else 0.065,
+                         neckline=(0.1, 0.07, -0.28) if not man else (0.055, 0.03, -0.27),
+                         cloth_rgb=_jitter(rng, heads.CLOTHING[a["clothing"]], 0.03), torso_skin=skin)
+    return p
+
+
+def background_colour(identity: Identity) -> np.ndarray:
+    return np.asarray(heads.BACKGROUND[identity.attributes["background"]])

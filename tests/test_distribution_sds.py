@@ -1,0 +1,273 @@
+"""Distribution SDS and its frozen teacher, on tiny randomly initialised teachers (CPU, seconds)."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from train.distribution_sds import DistributionSDS, DistributionSDSConfig, rescale_to_gaussian_norm
+from train.teacher import DiffusionTeacher, TeacherError
+from train.tiny_teacher import TinyTeacherConfig, build_tiny_components, write_tiny_teacher_folder
+
+TINY = TinyTeacherConfig()
+PROMPTS = ["a smiling woman with blond hair", "an old man wearing glasses"]
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """alpha_bar_t of SD's scaled_linear schedule, computed independently in float64."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class LinearEncoder(torch.nn.Module):
+    """An AutoencoderKL-interface encoder whose posterior mean is the fixed linear map A @ x."""
+
+    def __init__(self, image_size: int, latent_channels: int, latent_size: int, scaling_factor: float):
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.latent_shape = (latent_channels, latent_size, latent_size)
+        rows, cols = latent_channels * latent_size ** 2, 3 * image_size ** 2
+        self.weight = torch.nn.Parameter(torch.randn(rows, cols, generator=generator) / cols ** 0.5)
+        self.config = SimpleNamespace(scaling_factor=scaling_factor, latent_channels=latent_channels,
+                                      sample_size=image_size)
+
+    def encode(self, images):
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        mean = (images.flatten(1) @ self.weight.T).view(-1, *self.latent_shape)
+        params = torch.cat([mean, torch.zeros_like(mean)], dim=1)
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(params))
+
+
+@pytest.fixture(scope="module")
+def components():
+    return build_tiny_components(TINY)
+
+
+@pytest.fixture(scope="module")
+def linear_teacher(components):
+    encoder = LinearEncoder(TINY.image_size, TINY.latent_channels, TINY.latent_size, scaling_factor=0.7)
+    parts = dict(components, vae=encoder)
+    return DiffusionTeacher(**parts)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    return write_tiny_teacher_folder(tmp_path_factory.mktemp("teacher") / "tiny-sd", TINY)
+
+
+@pytest.fixture(scope="module")
+def folder_teacher(teacher_folder):
+    return DiffusionTeacher.from_pretrained(teacher_folder)
+
+
+def assert_teacher_untouched(teacher):
+    params = list(teacher.parameters())
+    assert params and all(not p.requires_grad and p.grad is None for p in params)
+    assert not any(m.training for m in (teacher.unet, teacher.vae, teacher.text_encoder))
+
+
+@pytest.mark.parametrize("weighting, rescale, clamp, loss_weight", [
+    ("1-alpha_bar", True, None, 1.0),
+    ("uniform", False, None, 0.5),
+    ("sqrt_alpha_bar*(1-alpha_bar)", True, 0.05, 2.0),
+])
+def test_image_gradient_equals_encoder_jacobian_transpose_times_sds_direction(
+        linear_teacher, weighting, rescale, clamp, loss_weight):
+    """x.grad == loss_weight / B * J_enc^T w(t)(eps_hat - eps), with J_enc = scaling * A (linear encoder)."""
+    teacher = linear_teacher
+    config = DistributionSDSConfig(weighting=weighting, rescale_noise=rescale, grad_clamp=clamp,
+                                   loss_weight=loss_weight)
+    sds = DistributionSDS(teacher, config)
+    images = torch.randn(2, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(1))
+    images = images.tanh().requires_grad_(True)
+    text = teacher.encode_prompts(PROMPTS)
+    out = sds(images, text, generator=torch.Generator().manual_seed(7))
+    out.loss.backward()
+
+    # The same draws, in the documented order: timesteps, then noise.
+    draws = torch.Generator().manual_seed(7)
+    t = sds.sample_timesteps(2, draws)
+    eps = torch.randn(2, *teacher.vae.latent_shape, generator=draws)
+    assert torch.equal(t, out.timesteps)
+    A, scale = teacher.vae.weight.detach(), teacher.vae.config.scaling_factor
+    latents = scale * (images.detach().flatten(1) @ A.T).view_as(eps)
+    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)  # fp32 as in the step: guidance 100
+    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * eps
+    eps_hat = teacher.predict_noise(noisy, t, text, teacher.uncond_embedding(), 100.0)
+    if rescale:
+        unit = lambda v: v * (v[0].numel() ** 0.5) / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        eps_hat, eps = unit(eps_hat), unit(eps)
+    w = {"1-alpha_bar": 1 - alpha_bar, "uniform": torch.ones_like(alpha_bar),
+         "sqrt_alpha_bar*(1-alpha_bar)": alpha_bar.sqrt() * (1 - alpha_bar)}[weighting]
+    g = w * (eps_hat - eps)
+    if clamp is not None:
+        assert (g.abs() > clamp).float().mean() > 0.1, "the clamp must be active for this case to test it"
+        g = g.clamp(-clamp, clamp)
+    expected = loss_weight / 2 * scale * (g.flatten(1) @ A).view_as(images)
+
+    assert images.grad.abs().max() > 0
+    # fp32 rounding only: 1e-5 of the largest entry absolute, 1e-5 relative.
+    torch.testing.assert_close(images.grad, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(out.loss, loss_weight * 0.5 * g.square().sum() / 2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.stats["grad_norm"], g.flatten(1).norm(dim=1).mean())
+    assert_teacher_untouched(teacher)
+
+
+def test_guidance_combines_unconditional_and_text_predictions(linear_teacher):
+    """eps_hat = eps_uncond + s (eps_text - eps_uncond): s=0 gives uncond, s=1 gives text."""
+    teacher = linear_teacher
+    noisy = torch.randn(2, *teacher.vae.latent_shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([100, 700])
+    text, uncond = teacher.encode_prompts(PROMPTS), teacher.uncond_embedding()
+    with torch.no_grad():
+        eps_text = teacher.unet(noisy, t, encoder_hidden_states=text).sample
+        eps_uncond = teacher.unet(noisy, t, encoder_hidden_states=uncond.expand_as(text)).sample
+    # Far above the tolerance, so threestudio's eps_text + s (...) convention would fail here.
+    assert (eps_text - eps_uncond).abs().max() > 1e-2
+    for scale, expected in [(0.0, eps_uncond), (1.0, eps_text), (100.0, eps_uncond + 100 * (eps_text - eps_uncond))]:
+        # Batched vs separate U-Net calls differ by ~1e-6, which guidance multiplies by ~s.
+        torch.testing.assert_close(teacher.predict_noise(noisy, t, text, uncond, scale), expected,
+                                   rtol=1e-5, atol=1e-5 * (1 + scale))
+
+
+def test_rescaling_sets_each_sample_to_unit_gaussian_norm():
+    noise = torch.randn(3, 4, 8, 8) * torch.tensor([0.01, 1.0, 250.0]).view(-1, 1, 1, 1)
+    rescaled = rescale_to_gaussian_norm(noise)
+    torch.testing.assert_close(rescaled.flatten(1).norm(dim=1), torch.full((3,), (4 * 8 * 8) ** 0.5))
+    cosine = torch.nn.functional.cosine_similarity(rescaled.flatten(1), noise.flatten(1))
+    torch.testing.assert_close(cosine, torch.ones(3))
+
+
+def test_sds_gradient_uses_unit_gaussian_norm_noises_when_rescaling(linear_teacher):
+    """With rescaling and uniform weight, ||g|| <= 2 sqrt(CHW) even at guidance 100."""
+    sds = DistributionSDS(linear_teacher, DistributionSDSConfig(weighting="uniform"))
+    images = torch.rand(2, 3, TINY.image_size, TINY.image_size) * 2 - 1
+    out = sds(images, linear_teacher.encode_prompts(PROMPTS), generator=torch.Generator().manual_seed(0))
+    limit = 2 * (TINY.latent_channels * TINY.latent_size ** 2) ** 0.5
+    assert out.stats["eps_hat_norm"] > limit  # guidance 100 inflates the raw prediction
+    assert out.stats["grad_norm"] <= limit + 1e-4
+
+
+def test_weighting_values_on_the_sd_schedule(components):
+    """w(t) against the SD scaled_linear schedule (table values from the SDS spec, section 2.5)."""
+    teacher = DiffusionTeacher(**components)
+    t = torch.tensor([20, 200, 500, 800, 980])
+    table = {"1-alpha_bar": [0.019, 0.246, 0.724, 0.963, 0.994],
+             "sqrt_alpha_bar*(1-alpha_bar)": [0.019, 0.214, 0.380, 0.185, 0.076],
+             "uniform": [1.0] * 5}
+    alpha_bar = sd_alphas_cumprod()[t]
+    exact = {"1-alpha_bar": 1 - alpha_bar, "sqrt_alpha_bar*(1-alpha_bar)": alpha_bar.sqrt() * (1 - alpha_bar),
+             "uniform": torch.ones(5, dtype=torch.float64)}
+    for name, values in table.items():
+        w = DistributionSDS(teacher, DistributionSDSConfig(weighting=name)).weights(t)
+        torch.testing.assert_close(w.double(), torch.tensor(values, dtype=torch.float64), rtol=0, atol=6e-4)
+        torch.testing.assert_close(w.double(), exact[name], rtol=1e-5, atol=1e-7)
+
+
+def test_timesteps_cover_the_configured_range(components):
+    sds = DistributionSDS(DiffusionTeacher(**components))
+    t = sds.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    assert (sds.min_step, sds.max_step) == (20, 980)
+    assert int(t.min()) == 20 and int(t.max()) == 980
+    narrow = DistributionSDS(DiffusionTeacher(**components), DistributionSDSConfig(t_range=(0.5, 0.6)))
+    t = narrow.sample_timesteps(1000, torch.Generator().manual_seed(0))
+    assert int(t.min()) >= 500 and int(t.max()) <= 600
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weighting="sds"), "weighting 'sds' unknown"),
+    (dict(t_range=(0.9, 0.1)), "t_range"),
+    (dict(grad_clamp=0.0), "grad_clamp"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+])
+def test_bad_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        DistributionSDSConfig(**kwargs)
+
+
+def test_tokenizer_matches_open_clip_ids(folder_teacher):
+    """The offline-built CLIP tokenizer gives OpenCLIP's (and SD2's) token ids, padded to 77."""
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-H-14")(PROMPTS + [""])
+    ids = folder_teacher.tokenizer(PROMPTS + [""], padding="max_length", max_length=77, return_tensors="pt")
+    assert torch.equal(ids.input_ids, reference)
+
+
+def test_pipeline_folder_end_to_end_step_reaches_the_image(teacher_folder, folder_teacher):
+    """A saved diffusers folder loads (also as a StableDiffusionPipeline) and a step backpropagates to x."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(teacher_folder, local_files_only=True)
+    assert type(pipeline.unet).__name__ == "UNet2DConditionModel"
+
+    teacher = folder_teacher
+    text = teacher.encode_prompts(PROMPTS)
+    assert text.shape == (2, 77, TINY.text_width) and text.dtype == torch.float32
+    assert teacher.uncond_embedding() is teacher.uncond_embedding()
+    images = (torch.rand(2, 3, 24, 24) * 2 - 1).requires_grad_(True)  # resized to the VAE's 16
+    latents = teacher.encode_images(images)
+    assert latents.shape == (2, TINY.latent_channels, TINY.latent_size, TINY.latent_size)
+
+    out = DistributionSDS(teacher)(images, text, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss) and out.loss > 0
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert 20 <= out.stats["t_mean"] <= 980
+    assert_teacher_untouched(teacher)
+
+
+def test_half_precision_teacher_keeps_fp32_loss(teacher_folder):
+    teacher = DiffusionTeacher.from_pretrained(teacher_folder, dtype=torch.bfloat16)
+    assert next(teacher.unet.parameters()).dtype == torch.bfloat16
+    assert next(teacher.text_encoder.parameters()).dtype == torch.bfloat16
+    assert next(teacher.vae.parameters()).dtype == torch.float32
+    images = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    out = DistributionSDS(teacher)(images, teacher.encode_prompts(PROMPTS))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and images.grad.dtype == torch.float32
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert_teacher_untouched(teacher)
+
+
+def copy_configs(folder, tmp_path, skip=()):
+    """A copy of the folder's config files only: checks must fail before any weight is read."""
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("*.safetensors", *skip))
+    return target
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*unet/"):
+        DiffusionTeacher.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor in the Hugging Face cache"):
+        DiffusionTeacher.from_pretrained("dreamportrait-tests/not-a-cached-teacher")
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "scheduler", "text_encoder", "tokenizer"])
+def test_missing_component_is_named(teacher_folder, tmp_path, component):
+    folder = copy_configs(teacher_folder, tmp_path, skip=(component,))
+    with pytest.raises(TeacherError, match=f"no '{component}' component.*must contain unet/"):
+        DiffusionTeacher.from_pretrained(folder)
+
+
+def test_wrong_component_class_is_named(teacher_folder, tmp_path):
+    folder = copy_configs(teacher_folder, tmp_path)
+    edit_json(folder / "unet" / "config.json", _class_name="UNet2DModel")
+    with pytest.raises(TeacherError, match="'unet' is a 'UNet2DModel', expected UNet2DConditionModel"):
+        DiffusionTeacher.from_pretrained(folder)
+
+
+def test_v_prediction_teacher_is_refused(components):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config, prediction_type="v_prediction")
+    with pytest.raises(TeacherError, match="epsilon-prediction"):
+        DiffusionTeacher(**dict(components, scheduler=scheduler))

@@ -1,0 +1,167 @@
+"""The frozen CLIP text encoder: EOT selection, penultimate-layer features, the two weight routes."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dreamportrait.text_encoder import (OpenClipPenultimate, TextEncoder, open_clip_tokenizer,
+                                        save_sd_text_encoder, truncation_messages)
+
+CFG = {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}
+EOT, SOT = 49407, 49406
+PROMPTS = ["a smiling woman with long brown hair", "The man's beard is grey &amp; he wears glasses!",
+           " ".join(["freckles"] * 30)]
+
+
+@pytest.fixture(scope="module")
+def tower():
+    from open_clip.model import _build_text_tower
+    torch.manual_seed(3)
+    return _build_text_tower(CFG["width"], CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def encoder(tower):
+    return TextEncoder(OpenClipPenultimate(tower), open_clip_tokenizer(CFG["context_length"]), EOT,
+                       {"source": "test"})
+
+
+def hand_run(tower, ids):
+    """CLIP's text transformer written out: embeddings, all blocks but the last, ln_final."""
+    x = tower.token_embedding(ids) + tower.positional_embedding
+    length, heads = ids.shape[1], CFG["heads"]
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    for blk in list(tower.transformer.resblocks)[:-1]:
+        h = F.layer_norm(x, (x.shape[-1],), blk.ln_1.weight, blk.ln_1.bias)
+        q, k, v = (h @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)
+        split = lambda t: t.reshape(t.shape[0], length, heads, -1).transpose(1, 2)
+        q, k, v = split(q), split(k), split(v)
+        att = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + causal).softmax(-1) @ v
+        x = x + blk.attn.out_proj(att.transpose(1, 2).reshape(x.shape))
+        h = F.layer_norm(x, (x.shape[-1],), blk.ln_2.weight, blk.ln_2.bias)
+        x = x + blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(h)))
+    return tower.ln_final(x)
+
+
+def test_eot_position_is_argmax_of_ids_and_holds_the_eot_token(encoder):
+    ids, counts = encoder.tokenize(PROMPTS)
+    enc = encoder.encode_ids(ids, counts)
+    length = CFG["context_length"]
+    for b in range(len(PROMPTS)):
+        eot = min(int(counts[b]) + 1, length - 1)  # SOT + words (cut to fit) + EOT
+        assert int(ids[b].argmax()) == eot and int(ids[b, eot]) == EOT and int(ids[b, 0]) == SOT
+        assert bool((ids[b, eot + 1:] == 0).all())
+        assert torch.equal(enc.eot[b], enc.tokens[b, eot])
+        assert enc.mask[b].tolist() == [i <= eot for i in range(length)]
+        assert int(enc.num_tokens[b]) == eot + 1
+
+
+def test_penultimate_features_match_a_hand_run_of_the_open_clip_transformer(encoder, tower):
+    ids, counts = encoder.tokenize(PROMPTS)
+    enc = encoder.encode_ids(ids, counts)
+    with torch.no_grad():
+        expected = hand_run(tower, ids)
+        api = tower.forward_intermediates(ids, indices=[CFG["layers"] - 2], normalize_intermediates=True,
+                                          intermediates_only=True, output_fmt="NLC")["text_intermediates"][0]
+        last = tower.ln_final(tower.transformer(tower.token_embedding(ids) + tower.positional_embedding,
+                                                attn_mask=tower.attn_mask))
+    torch.testing.assert_close(enc.tokens, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(enc.tokens, api, atol=1e-5, rtol=1e-5)
+    assert (enc.tokens - last).abs().max() > 0.1  # the last layer is really left out
+    assert len(encoder.tower.blocks) == CFG["layers"] - 1
+
+
+def test_open_clip_route_and_sd_pipeline_route_give_the_same_features(encoder, tmp_path):
+    save_sd_text_encoder(encoder, tmp_path)
+    cfg = json.loads((tmp_path / "text_encoder" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == CFG["layers"] - 1 and cfg["hidden_act"] == "gelu"
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())  # the published SD2 file layout
+    sd = TextEncoder.from_sd_pipeline(tmp_path)
+    ids_oc, counts_oc = encoder.tokenize(PROMPTS)
+    ids_sd, counts_sd = sd.tokenize(PROMPTS)
+    assert torch.equal(ids_oc, ids_sd) and torch.equal(counts_oc, counts_sd)
+    a, b = encoder(PROMPTS), sd(PROMPTS)
+    torch.testing.assert_close(b.tokens, a.tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.eot, a.eot, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.truncated, b.truncated)
+    with torch.no_grad():  # transformers' own EOT pooling picks the same token
+        torch.testing.assert_close(sd.tower.model(input_ids=ids_sd).pooler_output, b.eot)
+    assert sd.describe()["source"] == "sd_pipeline" and sd.width == CFG["width"]
+
+
+def test_sd_pipeline_folder_with_a_foreign_vocabulary_is_refused(encoder, tmp_path):
+    from transformers import CLIPTokenizer
+    save_sd_text_encoder(encoder, tmp_path)
+    CLIPTokenizer(vocab={"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, merges=[]).save_pretrained(
+        tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="CLIP's BPE vocabulary"):
+        TextEncoder.from_sd_pipeline(tmp_path)
+
+
+def test_truncation_is_reported_with_token_counts(encoder):
+    keep = CFG["context_length"] - 2
+    fits, over = " ".join(["cat"] * keep), " ".join(["cat"] * (keep + 1))
+    enc = encoder([fits, over, PROMPTS[2]])
+    assert enc.truncated.tolist() == [False, True, True]
+    assert enc.prompt_tokens.tolist() == [keep, keep + 1, 30]
+    assert enc.num_tokens.tolist() == [keep + 2] * 3
+    msgs = truncation_messages([fits, over, PROMPTS[2]], enc)
+    assert len(msgs) == 2
+    assert msgs[1].startswith("prompt 2 ('freckles freckles") and msgs[1].endswith(
+        f"has 30 tokens; only the first {keep} were used")
+
+
+def test_encoder_is_frozen_and_stays_in_eval(encoder):
+    parent = torch.nn.Sequential(encoder).train()
+    assert not encoder.training and not encoder.tower.training
+    assert all(not p.requires_grad for p in encoder.parameters())
+    assert encoder(PROMPTS[:1]).tokens.grad_fn is None
+
+
+def test_from_config_is_seeded_and_rebuilds_from_its_identity():
+    a = TextEncoder.from_config(CFG, seed=5)
+    b = TextEncoder.from_identity(json.loads(json.dumps(a.describe())))
+    c = TextEncoder.from_config(CFG, seed=6)
+    ea, eb, ec = a(PROMPTS[:2]), b(PROMPTS[:2]), c(PROMPTS[:2])
+    assert torch.equal(ea.tokens, eb.tokens)
+    assert (ea.tokens - ec.tokens).abs().max() > 0.1
+    assert a.describe() == {"source": "open_clip_config", "text_cfg": CFG, "seed": 5, "quick_gelu": False,
+                            "width": 32, "context_length": 20}
+
+
+def test_from_open_clip_builds_a_registered_model_without_network(tmp_path):
+    import open_clip
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                        "patch_size": 16},
+           "text_cfg": CFG}
+    (tmp_path / "dp-test-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "dp-test-tiny.json")
+    enc = TextEncoder.from_open_clip("dp-test-tiny", pretrained=None, seed=1)
+    again = TextEncoder.from_identity(enc.describe())
+    assert torch.equal(enc(PROMPTS[:1]).tokens, again(PROMPTS[:1]).tokens)
+    assert enc.describe()["pretrained"] is None and enc.context_length == 20
+    with pytest.raises(RuntimeError, match="open_clip cache"):
+        TextEncoder.from_open_clip("dp-test-tiny", pretrained="no_such_tag")
+
+
+def test_bad_inputs_name_the_problem(encoder, tmp_path):
+    with pytest.raises(TypeError, match="list of strings"):
+        encoder("a single string")
+    with pytest.raises(ValueError, match="vocab_size"):
+        TextEncoder.from_config(dict(CFG, vocab_size=1000))
+    with pytest.raises(ValueError, match="penultimate"):
+        TextEncoder.from_config(dict(CFG, layers=1))
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        TextEncoder.from_sd_pipeline(tmp_path)
+
+
+def test_encoding_expand_and_to(encoder):
+    enc = encoder(PROMPTS[:1]).expand(3)
+    assert enc.tokens.shape == (3, CFG["context_length"], CFG["width"]) and enc.truncated.shape == (3,)
+    half = enc.to(dtype=torch.float16)
+    assert half.tokens.dtype == torch.float16 and half.mask.dtype == torch.bool
+    with pytest.raises(ValueError, match="single-prompt"):
+        encoder(PROMPTS[:2]).expand(3)

@@ -1,0 +1,172 @@
+"""Training configuration: one dataclass tree, named presets, and ``key=value`` overrides.
+
+Stages: ``prior`` trains a plain EG3D generator with the GAN loss (needed in the synthetic
+world; paper-scale users start from EG3D's released weights through the converter);
+``stage1`` adds the text path and trains with the GAN loss only, so the zero-initialised
+adapters and the semantics mapping settle into the pretrained generator; ``stage2`` adds
+distribution SDS from a frozen diffusion teacher, regularised by the GAN loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from train.distribution_sds import DistributionSDSConfig
+from train.gan_loss import GANLossConfig
+
+STAGES = ("prior", "stage1", "stage2")
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = 0.0025
+    d_lr: float = 0.002
+    betas: tuple = (0.0, 0.99)
+    eps: float = 1e-8
+    g_reg_interval: int = 4
+    d_reg_interval: int = 16
+    ema_kimg: float = 10.0            # half-life in thousands of images, at batch 32 (scaled with batch)
+    ema_rampup: float | None = 0.05
+
+
+@dataclass
+class TextConfig:
+    """Which frozen text encoder the generator reads (see dreamportrait.text_encoder)."""
+    open_clip_model: str | None = None          # e.g. 'ViT-H-14'
+    open_clip_pretrained: str | None = None     # e.g. 'laion2b_s32b_b79k' (from the open_clip cache) or a file
+    open_clip_config: dict | None = None        # a small text config built with open_clip's classes
+    sd_pipeline: str | None = None              # or the text_encoder of a Stable-Diffusion-style folder
+    seed: int = 0                               # initialisation seed of a config-built encoder
+    adapter_resolutions: tuple = (4, 8, 16, 32, 64, 128)
+    adapter_heads: int = 4
+
+
+@dataclass
+class StageConfig:
+    kimg: float = 10.0                          # images to train in this stage, in thousands
+    init: str | None = None                     # checkpoint to start from (previous stage / converted EG3D)
+    freeze_G: bool = False
+    freeze_D: bool = False
+    grad_accum: int = 1                         # micro-batches per optimiser step
+    gan_weight: float = 1.0                     # stage2: weight of the GAN term next to distribution SDS
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "custom"
+    data: str = ""                              # EG3D-format data set (folder or zip) with captions.json
+    generator: str | dict = "tiny"              # preset name or GeneratorConfig dict (prior stage)
+    batch: int = 8                              # global batch (all ranks, one optimiser step)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False                          # bf16 autocast for G/D forward passes
+    workers: int = 0
+    gan: GANLossConfig = field(default_factory=GANLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    sds: DistributionSDSConfig = field(default_factory=DistributionSDSConfig)
+    teacher: str | None = None                  # Stable-Diffusion-style pipeline folder (stage2)
+    prior: StageConfig = field(default_factory=StageConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    log_every_kimg: float = 0.1
+    snapshot_every_kimg: float = 1.0
+    image_every_kimg: float = 1.0
+    eval_prompts: tuple = ()
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; choose one of {STAGES}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        default = getattr(cls(), k) if _constructible(cls) else None
+        if dataclasses.is_dataclass(default) and isinstance(v, dict):
+            v = _from_dict(type(default), v)
+        elif isinstance(default, tuple) and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _constructible(cls) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``dotted.key=value`` overrides; values parse as JSON, else as strings."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. batch=16 or stage2.kimg=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a config section")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"override {key!r}: unknown key {parts[-1]!r}; known: {sorted(node)}")
+        node[parts[-1]] = value
+    return TrainConfig.from_dict(d)
+
+
+# A small text tower for the synthetic world until its trained CLIP lands (issue: judge/CLIP/teacher).
+SYNTHETIC_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=4)
+
+PRESETS: dict[str, TrainConfig] = {
+    # CPU, minutes per thousand images: the synthetic portrait world at 64x64.
+    "synthetic-tiny": TrainConfig(
+        preset="synthetic-tiny", data="data/synthetic-64", generator="tiny", batch=8, bf16=False,
+        gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=2.0, blur_fade_kimg=2.0, gpc_reg_prob=0.5,
+                          gpc_reg_fade_kimg=5.0, neural_rendering_resolution_initial=32),
+        optim=OptimConfig(g_lr=0.0025, d_lr=0.002, ema_kimg=1.0, ema_rampup=0.05),
+        text=TextConfig(open_clip_config=SYNTHETIC_TEXT_CFG, adapter_resolutions=(4, 8, 16, 32, 64)),
+        sds=DistributionSDSConfig(guidance_scale=7.5),
+        teacher="runs/synthetic-teacher",
+        prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior/final.safetensors"),
+        stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1/final.safetensors", grad_accum=1),
+        log_every_kimg=0.05, snapshot_every_kimg=0.1, image_every_kimg=0.1,
+        eval_prompts=("A young woman with long blond hair.", "An old man with a full beard and glasses.")),
+    # The paper: CelebAText-HQ at 512, EG3D FFHQ 512 weights, OpenCLIP ViT-H/14, SD 2.0-base, 8 GPUs.
+    "celebatext-512": TrainConfig(
+        preset="celebatext-512", data="data/celebatext-hq-512.zip", generator="eg3d-ffhq-512", batch=32,
+        gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=0.0, gpc_reg_prob=0.5, gpc_reg_fade_kimg=0.0,
+                          neural_rendering_resolution_initial=128),
+        optim=OptimConfig(),
+        text=TextConfig(open_clip_model="ViT-H-14", open_clip_pretrained="laion2b_s32b_b79k"),
+        sds=DistributionSDSConfig(guidance_scale=100.0),
+        teacher="stabilityai/stable-diffusion-2-base",
+        prior=StageConfig(kimg=0.0),
+        stage1=StageConfig(kimg=500.0, init="checkpoints/eg3d-ffhq512-128"),
+        stage2=StageConfig(kimg=1000.0, init="runs/celebatext-512/stage1/final.safetensors", grad_accum=2),
+        log_every_kimg=4.0, snapshot_every_kimg=50.0, image_every_kimg=20.0,
+        eval_prompts=("A woman is smiling with her teeth showing.", "This man has a beard and wears glasses.")),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}")
+    return TrainConfig.from_dict(PRESETS[name].to_dict())
