@@ -27,6 +27,8 @@ import mcubes
 import numpy as np
 import torch
 
+from .grid import to_uint8
+
 Progress = Callable[[int, int], None]
 
 DEFAULT_THRESHOLD = 10.0  # EG3D's marching-cubes level on raw sigma; its README: "usually between 2 and 20".
@@ -138,20 +140,17 @@ def marching_cubes(grid: np.ndarray, threshold: float, box_warp: float) -> tuple
     return world.astype(np.float32), faces.astype(np.int64)
 
 
-def feature_to_uint8(features: torch.Tensor) -> torch.Tensor:
-    """Colour features (about [0, 1]) -> uint8 exactly as the rendered image: ((f * 2 - 1) + 1) / 2 * 255."""
-    image = features
-    return ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 @torch.no_grad()
 def vertex_colors(G, planes: torch.Tensor, vertices: np.ndarray, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
-    """uint8 RGB (V, 3) from the first three colour features at world points ``vertices``."""
+    """uint8 RGB (V, 3) from the first three colour features at world points ``vertices``.
+
+    Converted like a rendered pixel: the renderer shows feature f as f * 2 - 1, then ``to_uint8``.
+    """
     _check_planes(planes)
     points = torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32)).to(planes.device)
-    parts = [feature_to_uint8(G.sample_planes(planes, points[s:s + chunk].unsqueeze(0))["rgb"][0, :, :3].float())
-             for s in range(0, len(points), chunk)]
-    return torch.cat(parts).cpu().numpy()
+    features = torch.cat([G.sample_planes(planes, points[s:s + chunk].unsqueeze(0))["rgb"][0, :, :3]
+                          for s in range(0, len(points), chunk)])
+    return to_uint8((features * 2 - 1).T.unsqueeze(-1)).reshape(-1, 3)  # (3, V, 1) "image" -> (V, 3)
 
 
 def extract_mesh(G, planes: torch.Tensor, resolution: int = 128, threshold: float = DEFAULT_THRESHOLD,

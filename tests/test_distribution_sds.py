@@ -233,6 +233,20 @@ def test_half_precision_teacher_keeps_fp32_loss(teacher_folder):
     assert_teacher_untouched(teacher)
 
 
+def test_sd2_style_pndm_scheduler_folder_loads_with_the_sd_schedule(teacher_folder, tmp_path):
+    """SD 2.0-base ships a PNDMScheduler config; it is read as DDPM with the same alpha_bar."""
+    folder = tmp_path / "sd2-like"
+    shutil.copytree(teacher_folder, folder)
+    sd2_scheduler = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+                     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                     "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+                     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd2_scheduler))
+    teacher = DiffusionTeacher.from_pretrained(folder)
+    assert teacher.num_train_timesteps == 1000
+    torch.testing.assert_close(teacher.alphas_cumprod.double(), sd_alphas_cumprod(), rtol=1e-5, atol=1e-7)
+
+
 def copy_configs(folder, tmp_path, skip=()):
     """A copy of the folder's config files only: checks must fail before any weight is read."""
     target = tmp_path / "copy"

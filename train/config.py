@@ -170,3 +170,31 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}")
     return TrainConfig.from_dict(PRESETS[name].to_dict())
+
+
+def validate(cfg: TrainConfig, stage: str) -> None:
+    """Check a config for ``stage`` without touching files (those are checked when training starts)."""
+    from dreamportrait.generator import GeneratorConfig, preset as generator_preset
+    from train.distribution_sds import WEIGHTINGS
+    st = cfg.stage(stage)
+    if isinstance(cfg.generator, str):
+        generator_preset(cfg.generator)
+    else:
+        GeneratorConfig.from_dict(cfg.generator)
+    if cfg.batch <= 0 or st.grad_accum <= 0 or cfg.batch % st.grad_accum:
+        raise ValueError(f"batch {cfg.batch} must be a positive multiple of {stage}.grad_accum {st.grad_accum}")
+    if st.kimg < 0:
+        raise ValueError(f"{stage}.kimg must be >= 0")
+    if st.freeze_G and st.freeze_D:
+        raise ValueError(f"{stage}: freezing both G and D leaves nothing to train")
+    if stage != "prior" and not (cfg.text.open_clip_model or cfg.text.open_clip_config or cfg.text.sd_pipeline):
+        raise ValueError(f"{stage} needs a text encoder: set text.open_clip_model, text.open_clip_config or text.sd_pipeline")
+    if stage == "stage2":
+        if not cfg.teacher:
+            raise ValueError("stage2 needs teacher=FOLDER (a Stable-Diffusion-style pipeline folder)")
+        if not st.init:
+            raise ValueError("stage2 must start from a stage1 checkpoint: set stage2.init")
+        if cfg.sds.weighting not in WEIGHTINGS:
+            raise ValueError(f"sds.weighting must be one of {sorted(WEIGHTINGS)}")
+    if cfg.gan.neural_rendering_resolution_initial < 4:
+        raise ValueError("gan.neural_rendering_resolution_initial must be >= 4")
