@@ -110,7 +110,9 @@ def _validate_discriminator(init_kwargs: dict, tensors: dict[str, torch.Tensor])
     """Strictly load ``tensors`` into our DualDiscriminator; False if train/ is not importable."""
     try:
         from train.discriminator import DiscriminatorConfig, DualDiscriminator
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("train", "train.discriminator"):
+            raise
         return False
     load_eg3d_state_dict(DualDiscriminator(DiscriminatorConfig.from_eg3d_kwargs(init_kwargs)), tensors)
     return True
@@ -180,7 +182,7 @@ def convert_eg3d_pickle(pkl_path, out_dir, network: str = "G_ema",
 def summary(result: ConversionResult) -> str:
     """Human-readable report of a conversion."""
     G = result.generator
-    lines = [f"read {result.source} (sha256 {result.sha256[:16]}...): networks {', '.join(result.networks_found)}",
+    lines = [f"read {result.source} (sha256 {result.sha256}): networks {', '.join(result.networks_found)}",
              f"{G.name}: {G.eg3d.class_name}, {len(G.tensors)} tensors, {G.num_values:,} values (parameters + buffers)",
              f"  config: {json.dumps(G.config['generator'])}",
              f"wrote {result.generator_path}"]

@@ -222,7 +222,7 @@ class GatedCrossAttention3D(nn.Module):
         tokens = tokens.to(x.dtype)
         k, val = self._heads(self.to_k(tokens)), self._heads(self.to_v(tokens))
         bias = key_padding_bias(mask.to(x.device), x.dtype).repeat_interleave(3, dim=0)
-        attn = F.scaled_dot_product_attention(q, k, val)  # (B*3, heads, N, head_dim)
+        attn = F.scaled_dot_product_attention(q, k, val, attn_mask=bias)  # (B*3, heads, N, head_dim)
         attn = attn.transpose(1, 2).reshape(b, 3, h * w, self.heads * self.head_dim)
         update = self.to_out(attn).transpose(2, 3).reshape(b, 3 * self.plane_channels, h, w)
         return self.proj_out(update) if self.proj_out is not None else update

@@ -41,6 +41,7 @@ SD_TEXT_ENCODER_DIR = "text_encoder"
 SD_TOKENIZER_DIR = "tokenizer"
 _SOT_ID = 49406  # "<|startoftext|>" in CLIP's BPE vocabulary
 _EOT_ID = 49407  # "<|endoftext|>": the largest id, so argmax of the ids finds it
+_PROBE_PROMPT = "a portrait photo of a smiling person"  # fixed input of the identity fingerprint
 
 
 @dataclass
@@ -193,18 +194,19 @@ class TextEncoder(nn.Module):
     """Frozen CLIP text encoder: prompts -> :class:`TextEncoding` (penultimate-layer features).
 
     Always in eval mode with ``requires_grad=False``; encoding runs under ``no_grad``.
-    ``identity`` is a JSON-able description for checkpoint metadata; :meth:`from_identity`
-    rebuilds the same encoder from it.
+    ``identity`` is a JSON-able description for checkpoint metadata: where the weights come
+    from, plus a fingerprint (8 EOT feature values of a fixed prompt) with which
+    :meth:`from_identity` checks that the rebuilt encoder computes the same features.
     """
 
-    def __init__(self, tower: nn.Module, tokenize: Tokenize, eot_id: int, identity: dict):
+    def __init__(self, tower: nn.Module, tokenize: Tokenize, identity: dict):
         super().__init__()
         self.tower = tower
         self._tokenize = tokenize
-        self.eot_id = eot_id
-        self.identity = dict(identity, width=tower.width, context_length=tower.context_length)
         self.requires_grad_(False)
         self.eval()
+        self.identity = dict(identity, width=tower.width, context_length=tower.context_length,
+                             fingerprint=[round(float(v), 5) for v in self([_PROBE_PROMPT]).eot[0, :8]])
 
     def train(self, mode: bool = True) -> "TextEncoder":
         """The encoder is frozen: it stays in eval mode whatever the parent module does."""
@@ -245,8 +247,8 @@ class TextEncoder(nn.Module):
         ids = ids.to(device)
         eot_index = ids.argmax(dim=-1)
         rows = torch.arange(ids.shape[0], device=device)
-        if not bool((ids[rows, eot_index] == self.eot_id).all()):
-            raise ValueError(f"token ids lack the EOT token {self.eot_id} as their largest id; "
+        if not bool((ids[rows, eot_index] == _EOT_ID).all()):
+            raise ValueError(f"token ids lack the EOT token {_EOT_ID} as their largest id; "
                              "use the tokenizer that belongs to this text model")
         feats = self.tower(ids)
         mask = torch.arange(ids.shape[1], device=device)[None, :] <= eot_index[:, None]
@@ -277,7 +279,7 @@ class TextEncoder(nn.Module):
         identity = {"source": "open_clip", "model_name": model_name, "pretrained": pretrained}
         if pretrained is None:
             identity["seed"] = seed
-        return cls(OpenClipPenultimate(text), open_clip_tokenizer(_context(text)), _EOT_ID, identity)
+        return cls(OpenClipPenultimate(text), open_clip_tokenizer(_context(text)), identity)
 
     @classmethod
     def from_config(cls, text_cfg: dict, seed: int = 0, quick_gelu: bool = False) -> "TextEncoder":
@@ -297,7 +299,7 @@ class TextEncoder(nn.Module):
         text = _seeded(seed, lambda: _build_text_tower(cfg.get("width", CLIPTextCfg.width), cfg,
                                                        quick_gelu=quick_gelu))
         identity = {"source": "open_clip_config", "text_cfg": cfg, "seed": seed, "quick_gelu": quick_gelu}
-        return cls(OpenClipPenultimate(text), open_clip_tokenizer(_context(text)), _EOT_ID, identity)
+        return cls(OpenClipPenultimate(text), open_clip_tokenizer(_context(text)), identity)
 
     @classmethod
     def from_sd_pipeline(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "TextEncoder":
@@ -322,13 +324,20 @@ class TextEncoder(nn.Module):
         model = CLIPTextModel.from_pretrained(folder / SD_TEXT_ENCODER_DIR, dtype=dtype, local_files_only=True)
         tower = TransformersPenultimate(model)
         identity = {"source": "sd_pipeline", "folder": str(folder)}
-        return cls(tower, open_clip_tokenizer(tower.context_length), _EOT_ID, identity)
+        return cls(tower, open_clip_tokenizer(tower.context_length), identity)
 
     @classmethod
-    def from_identity(cls, identity: dict) -> "TextEncoder":
-        """Rebuild an encoder from its ``identity`` (checkpoint metadata)."""
-        source = identity.get("source")
-        if source == "open_clip":
+    def from_identity(cls, identity: dict, sd_pipeline: str | os.PathLike | None = None) -> "TextEncoder":
+        """Rebuild an encoder from its ``identity`` (checkpoint metadata) and check its fingerprint.
+
+        ``sd_pipeline`` loads that Stable Diffusion folder instead of the recorded source (the same
+        weights elsewhere, e.g. the SD2 teacher instead of the OpenCLIP ViT-H download); the
+        fingerprint check still guarantees the features are the checkpoint's.
+        """
+        source = "sd_pipeline" if sd_pipeline is not None else identity.get("source")
+        if sd_pipeline is not None:
+            enc = cls.from_sd_pipeline(sd_pipeline)
+        elif source == "open_clip":
             enc = cls.from_open_clip(identity["model_name"], identity["pretrained"], seed=identity.get("seed", 0))
         elif source == "open_clip_config":
             enc = cls.from_config(identity["text_cfg"], seed=identity["seed"], quick_gelu=identity["quick_gelu"])
@@ -340,7 +349,13 @@ class TextEncoder(nn.Module):
         for key in ("width", "context_length"):
             if key in identity and identity[key] != enc.identity[key]:
                 raise ValueError(f"text encoder {key} is {enc.identity[key]} but the checkpoint expects "
-                                 f"{identity[key]}; the encoder files changed since the checkpoint was saved")
+                                 f"{identity[key]}; it is not the encoder the checkpoint was trained with")
+        if "fingerprint" in identity:
+            want, got = torch.tensor(identity["fingerprint"]), torch.tensor(enc.identity["fingerprint"])
+            if (want - got).abs().max() > 1e-3 * max(1.0, float(want.abs().max())):
+                raise ValueError(f"text encoder from {source} computes different features than the one the "
+                                 f"checkpoint was trained with (fingerprint {got.tolist()} vs {want.tolist()}); "
+                                 "its weights differ: check the pretrained tag, weights file or folder")
         return enc
 
 

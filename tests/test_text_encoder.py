@@ -23,7 +23,7 @@ def tower():
 
 @pytest.fixture(scope="module")
 def encoder(tower):
-    return TextEncoder(OpenClipPenultimate(tower), open_clip_tokenizer(CFG["context_length"]), EOT,
+    return TextEncoder(OpenClipPenultimate(tower), open_clip_tokenizer(CFG["context_length"]),
                        {"source": "test"})
 
 
@@ -128,8 +128,19 @@ def test_from_config_is_seeded_and_rebuilds_from_its_identity():
     ea, eb, ec = a(PROMPTS[:2]), b(PROMPTS[:2]), c(PROMPTS[:2])
     assert torch.equal(ea.tokens, eb.tokens)
     assert (ea.tokens - ec.tokens).abs().max() > 0.1
-    assert a.describe() == {"source": "open_clip_config", "text_cfg": CFG, "seed": 5, "quick_gelu": False,
-                            "width": 32, "context_length": 20}
+    ident = a.describe()
+    assert len(ident.pop("fingerprint")) == 8
+    assert ident == {"source": "open_clip_config", "text_cfg": CFG, "seed": 5, "quick_gelu": False,
+                     "width": 32, "context_length": 20}
+
+
+def test_from_identity_checks_the_fingerprint_and_accepts_the_same_weights_from_a_folder(tmp_path):
+    a = TextEncoder.from_config(CFG, seed=5)
+    save_sd_text_encoder(a, tmp_path)
+    via_folder = TextEncoder.from_identity(a.describe(), sd_pipeline=tmp_path)
+    torch.testing.assert_close(via_folder(PROMPTS).tokens, a(PROMPTS).tokens, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="different features"):
+        TextEncoder.from_identity(dict(a.describe(), seed=6))
 
 
 def test_from_open_clip_builds_a_registered_model_without_network(tmp_path):

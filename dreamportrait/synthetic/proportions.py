@@ -41,7 +41,7 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     hair_key = a["hair_color"]
     hair = _jitter(rng, heads.HAIR[hair_key]) if hair_key else np.asarray(heads.HAIR["black"])
     brow = _brow_colour(a, rng)
-    eye_x = 0.052 * fw + rng.uniform(-0.002, 0.002)
+    eye_x = 0.054 * fw + rng.uniform(-0.002, 0.002)
     eye_y = 0.032
     tip_y = -0.04
     big_nose = a["nose"] == "big"
@@ -63,7 +63,7 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
         skin=skin, blush=0.0 if man else 1.0, wrinkles=heads.WRINKLE[a["age"]])
 
     big_eye = a["eye_size"] != "small"
-    er = 0.03 if big_eye else 0.021
+    er = 0.032 if big_eye else 0.022
     p["eyes"] = dict(eye_c=(eye_x, eye_y, 0.15), eye_r=(er, 0.75 * er, 0.022),
                      iris=_jitter(rng, heads.IRIS[a["eye_color"] or "brown"]),
                      lid=0.45 if not man else 0.7)
@@ -89,7 +89,7 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     style = a["hair_style"]
     volume = rng.uniform(0.018, 0.03)
     cr = np.array((0.148 * fw, 0.19, 0.185))
-    cap = dict(cap_c=(0, 0.06, -0.015), cap_r=cr + volume, hairline=(0.032, 0.7),
+    cap = dict(cap_c=(0, 0.06, -0.015), cap_r=cr + volume, hairline=(0.045, 0.7),
                drop_c=(0, -0.05, -0.05), drop_r=(0.185 * fw, 0.33, 0.17), drop_y=-0.33, drop_front=0.012,
                curl_amp=0.0, hair_rgb=hair)
     hair_styles = {

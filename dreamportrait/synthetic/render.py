@@ -2,12 +2,19 @@
 
 Rays come from EG3D 25-d camera labels exactly as EG3D's RaySampler builds them (OpenCV
 camera, pixel centres (i + 0.5) / res, normalised intrinsics), so renders agree pixel for
-pixel with the generator's cameras. All rays of a batch of heads are traced together; each
-step evaluates only the rays still marching, and each part only on rays of heads that have
-it. Rays start and end at the scene box, normals come from finite differences at hit
-points only, shading is ambient + diffuse from one fixed world-space light, and 2x2
-supersampling anti-aliases edges. Output: RGB in [0, 1], depth (distance along the ray,
-EG3D's convention; 0 where nothing is hit) and a soft foreground mask.
+pixel with the generator's cameras. All rays of a batch of heads are traced together:
+
+- each ray is tested once against every shape's bounding box; a shape is evaluated only on
+  rays that enter its box (and whose head has the part), rays start at the first box they
+  enter and rays that enter none are background without a single SDF evaluation;
+- each step evaluates only the rays still marching, and records which part is nearest, so
+  materials need no second pass;
+- normals come from four tetrahedral finite differences of the hit part only;
+- shading is ambient + diffuse from one fixed world-space light; 2x2 supersampling
+  anti-aliases edges.
+
+Output: RGB in [0, 1], depth (world distance along the ray, EG3D's convention; 0 where
+nothing is hit) and a soft foreground mask (hit fraction).
 """
 from __future__ import annotations
 
@@ -20,28 +27,58 @@ import torch.nn.functional as F
 
 from dreamportrait.cameras import split_label
 
+from . import sdf
 from .attributes import Identity
-from .heads import PARTS, SCENE_BOX, Part, PartPoints
+from .heads import HEAD_ORIGIN, HEAD_SCALE, PARTS, SCENE_BOX, Part, PartPoints
 from .proportions import background_colour, head_parameters
 
 Tensor = torch.Tensor
 
 LIGHT = (-0.35, 0.45, 0.82)  # toward the light, world frame (upper left of the frontal view)
 AMBIENT = 0.42
-MAX_STEPS = 48
+MAX_STEPS = 40
 CHUNK_RAYS = 1 << 16
+FAR = 1e3  # "no surface" distance; finite so that smooth unions with it stay exact
 _TETRA = ((1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, 1.0, 1.0))
+# Shape index ranges of every part in the flat list of shapes.
+_SHAPE_RANGES = np.cumsum([0] + [len(p.shapes) for p in PARTS])
+
+
+def _shape_boxes() -> tuple[Tensor, Tensor, Tensor]:
+    """Every shape's box (and its mirror image), as lo/hi (N, 3) and the owning shape (N,)."""
+    lo, hi, owner = [], [], []
+    shapes = [s for p in PARTS for s in p.shapes]
+    for k, s in enumerate(shapes):
+        (x0, y0, z0), (x1, y1, z1) = s.box
+        lo.append((x0, y0, z0)), hi.append((x1, y1, z1)), owner.append(k)
+        if s.mirror:
+            lo.append((-x1, y0, z0)), hi.append((-x0, y1, z1)), owner.append(k)
+    return torch.tensor(lo), torch.tensor(hi), torch.tensor(owner)
+
+
+_BOX_LO, _BOX_HI, _BOX_SHAPE = _shape_boxes()
+
+
+def _slab(o: Tensor, inv: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Entry/exit distances of rays (M, 3) through boxes (N, 3): (M, N) each."""
+    t_a = (lo.unsqueeze(0) - o.unsqueeze(1)) * inv.unsqueeze(1)
+    t_b = (hi.unsqueeze(0) - o.unsqueeze(1)) * inv.unsqueeze(1)
+    return torch.minimum(t_a, t_b).amax(dim=-1), torch.maximum(t_a, t_b).amin(dim=-1)
 
 
 class HeadBatch:
-    """The parameters of a batch of heads, one (K, B) table per part, ready for tracing."""
+    """The parameters of a batch of heads, ready for tracing.
+
+    Per part, one entry per parameter row: a float when all heads share it, else a (B,)
+    tensor; plus a (B,) bool flag for parts that not every head has.
+    """
 
     def __init__(self, identities: Sequence[Identity]):
         if not identities:
             raise ValueError("HeadBatch needs at least one identity")
         params = [head_parameters(ident) for ident in identities]
         self.size = len(identities)
-        self.tables: list[Tensor] = []
+        self.rows: list[list[float | Tensor]] = []
         self.slots: list[dict[str, slice]] = []
         self.flags: list[Tensor | None] = []
         for part in PARTS:
@@ -57,67 +94,99 @@ class HeadBatch:
                                    f"its layout {sorted(slots)}")
                 for name, sl in slots.items():
                     table[sl, j] = np.asarray(values[name], dtype=np.float64).reshape(-1)
-            tensor = torch.from_numpy(table)
-            self.tables.append(tensor)
+            self.rows.append([float(r[0]) if (r == r[0]).all() else torch.from_numpy(r.copy())
+                              for r in table])
             self.slots.append(slots)
-            self.flags.append(tensor[slots[part.flag].start] > 0.5 if part.flag else None)
+            self.flags.append(torch.from_numpy(table[slots[part.flag].start] > 0.5) if part.flag else None)
         self.background = torch.tensor(np.stack([background_colour(i) for i in identities]),
                                        dtype=torch.float32)
 
-    def _points(self, i: int, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> PartPoints:
-        return PartPoints(x, y, z, self.tables[i][:, b], self.slots[i])
+    def candidates(self, o: Tensor, d: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Which shapes each ray may meet: (S, M) bool, and the first entry / last exit t."""
+        inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+        t_in, t_out = _slab(o, inv, _BOX_LO, _BOX_HI)
+        crosses = (t_in < t_out) & (t_out > 0)
+        enabled = torch.ones(int(_SHAPE_RANGES[-1]), o.shape[0], dtype=torch.bool)
+        for i, flag in enumerate(self.flags):
+            if flag is not None:
+                enabled[_SHAPE_RANGES[i]:_SHAPE_RANGES[i + 1]] = flag[b].unsqueeze(0)
+        usable = crosses & enabled[_BOX_SHAPE].t()  # (M, boxes)
+        cand = torch.zeros_like(enabled)
+        for j, k in enumerate(_BOX_SHAPE.tolist()):
+            cand[k] |= usable[:, j]
+        first = torch.where(usable, t_in, torch.full_like(t_in, math.inf)).amin(dim=1)
+        last = torch.where(usable, t_out, torch.full_like(t_out, -math.inf)).amax(dim=1)
+        return cand, first.clamp_min(0.0), last
 
-    def _selection(self, i: int, b: Tensor) -> Tensor | None:
-        """Indices of the points whose head has part i (None: all of them)."""
-        flag = self.flags[i]
-        if flag is None or bool(flag.all()):
-            return None
-        return flag[b].nonzero().squeeze(1)
-
-    def distance(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> Tensor:
-        """Signed distance of the whole head at points (x, y, z) of heads b."""
-        d = torch.full_like(x, math.inf)
-        for i, part in enumerate(PARTS):
-            idx = self._selection(i, b)
+    def part_distance(self, i: int, q: PartPoints, cand: Tensor) -> Tensor:
+        """Distance of part i at points q, using only the shapes each point's ray may meet."""
+        part = PARTS[i]
+        if len(part.shapes) == 1:
+            return part.shapes[0].distance(q)
+        d = torch.full_like(q.x, FAR)
+        for k, shape in enumerate(part.shapes):
+            sel = cand[k]
+            if bool(sel.all()):
+                idx, qk = None, q
+            else:
+                idx = sel.nonzero().squeeze(1)
+                if not idx.numel():
+                    continue
+                qk = _subset(q, idx)
+            dk = shape.distance(qk)
+            old = d if idx is None else d[idx]
+            new = sdf.smooth_union(old, dk, shape.blend) if shape.blend > 0 else torch.minimum(old, dk)
             if idx is None:
-                d = torch.minimum(d, part.distance(self._points(i, x, y, z, b)))
-            elif idx.numel():
-                q = self._points(i, x[idx], y[idx], z[idx], b[idx])
-                d[idx] = torch.minimum(d[idx], part.distance(q))
+                d = new
+            else:
+                d[idx] = new
         return d
 
-    def part_distances(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> Tensor:
-        """(num_parts, M) distances, +inf where a head lacks the part."""
-        out = torch.full((len(PARTS), x.shape[0]), math.inf)
-        for i, part in enumerate(PARTS):
-            idx = self._selection(i, b)
-            if idx is None:
-                out[i] = part.distance(self._points(i, x, y, z, b))
-            elif idx.numel():
-                out[i, idx] = part.distance(self._points(i, x[idx], y[idx], z[idx], b[idx]))
-        return out
+    def points(self, i: int, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> PartPoints:
+        return PartPoints(x, y, z, b, self.rows[i], self.slots[i])
 
-    def shade(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> Tensor:
-        """(M, 3) shaded colour of surface points: the nearest part's albedo, lit."""
-        owner = self.part_distances(x, y, z, b).argmin(dim=0)
+    def distance(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """Distance of the whole head and the index of the nearest part, at points of heads b."""
+        d = torch.full_like(x, FAR)
+        owner = torch.zeros_like(b)
+        for i in range(len(PARTS)):
+            cp = cand[_SHAPE_RANGES[i]:_SHAPE_RANGES[i + 1]]
+            anywhere = cp.any(dim=0) if cp.shape[0] > 1 else cp[0]
+            idx = anywhere.nonzero().squeeze(1)
+            if not idx.numel():
+                continue
+            dp = self.part_distance(i, self.points(i, x[idx], y[idx], z[idx], b[idx]), cp[:, idx])
+            cur = d[idx]
+            better = dp < cur
+            d[idx] = torch.where(better, dp, cur)
+            owner[idx] = torch.where(better, i, owner[idx])
+        return d, owner
+
+    def shade(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, cand: Tensor, owner: Tensor) -> Tensor:
+        """(M, 3) lit colour of surface points whose nearest part is ``owner``."""
         light = torch.tensor(LIGHT) / math.sqrt(sum(v * v for v in LIGHT))
         rgb = torch.zeros(x.shape[0], 3)
-        for i, part in enumerate(PARTS):
+        for i in range(len(PARTS)):
             idx = (owner == i).nonzero().squeeze(1)
             if not idx.numel():
                 continue
-            q = self._points(i, x[idx], y[idx], z[idx], b[idx])
-            normal = _normal(part, q)
+            q = self.points(i, x[idx], y[idx], z[idx], b[idx])
+            cp = cand[_SHAPE_RANGES[i]:_SHAPE_RANGES[i + 1], idx]
+            normal = _normal(lambda p: self.part_distance(i, p, cp), q)
             lambert = (normal @ light).clamp_min(0.0)
-            rgb[idx] = part.albedo(q) * (AMBIENT + (1.0 - AMBIENT) * lambert).unsqueeze(-1)
+            rgb[idx] = PARTS[i].albedo(q) * (AMBIENT + (1.0 - AMBIENT) * lambert).unsqueeze(-1)
         return rgb
 
 
-def _normal(part: Part, q: PartPoints, h: float = 1e-3) -> Tensor:
-    """Unit normals from four tetrahedral finite differences of the part's distance."""
+def _subset(q: PartPoints, idx: Tensor) -> PartPoints:
+    return PartPoints(q.x[idx], q.y[idx], q.z[idx], q.b[idx], q.rows, q.slots)
+
+
+def _normal(distance, q: PartPoints, h: float = 1e-3) -> Tensor:
+    """Unit normals from four tetrahedral finite differences of ``distance``."""
     n = torch.zeros(q.x.shape[0], 3)
     for e in _TETRA:
-        n += part.distance(q.moved(e[0] * h, e[1] * h, e[2] * h)).unsqueeze(-1) * torch.tensor(e)
+        n += distance(q.moved(e[0] * h, e[1] * h, e[2] * h)).unsqueeze(-1) * torch.tensor(e)
     return F.normalize(n, dim=-1)
 
 
@@ -140,45 +209,55 @@ def camera_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
     return origins, F.normalize(world - origins.unsqueeze(1), dim=-1)
 
 
-def _box_interval(o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Entry and exit distances of rays (M, 3) through :data:`SCENE_BOX` (exit < entry: miss)."""
-    lo, hi = torch.tensor(SCENE_BOX[0]), torch.tensor(SCENE_BOX[1])
+def _scene_interval(o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Model-space entry/exit of rays through :data:`SCENE_BOX`."""
+    origin = torch.tensor(HEAD_ORIGIN)
+    lo = (torch.tensor(SCENE_BOX[0]) - origin) / HEAD_SCALE + origin
+    hi = (torch.tensor(SCENE_BOX[1]) - origin) / HEAD_SCALE + origin
     inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
-    t_a, t_b = (lo - o) * inv, (hi - o) * inv
-    return torch.minimum(t_a, t_b).amax(dim=-1).clamp_min(0.0), torch.maximum(t_a, t_b).amin(dim=-1)
+    t_in, t_out = _slab(o, inv, lo.unsqueeze(0), hi.unsqueeze(0))
+    return t_in.squeeze(1), t_out.squeeze(1)
 
 
-def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, eps_per_t: float) -> tuple[Tensor, Tensor]:
-    """Sphere-trace rays (M, 3) of heads b; returns (hit mask, distance t) per ray."""
-    t0, t1 = _box_interval(o, d)
+def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, eps_per_t: float):
+    """Sphere-trace model-space rays (M, 3) of heads b.
+
+    Returns (hit (M,), t (M,), owner part (M,), shape candidates (S, M)).
+    """
+    cand, t0, t1 = heads.candidates(o, d, b)
+    s0, s1 = _scene_interval(o, d)
+    t0, t1 = torch.maximum(t0, s0), torch.minimum(t1, s1)
     t = t0.clone()
     hit = torch.zeros_like(t, dtype=torch.bool)
+    owner = torch.zeros_like(b)
     alive = (t0 < t1).nonzero().squeeze(1)
-    ox, oy, oz, dx, dy, dz = (o[:, 0][alive], o[:, 1][alive], o[:, 2][alive],
-                              d[:, 0][alive], d[:, 1][alive], d[:, 2][alive])
-    ta, ba, end = t[alive], b[alive], t1[alive]
+    ox, oy, oz, dx, dy, dz = (c[alive] for c in (*o.unbind(1), *d.unbind(1)))
+    ta, ba, end, ca = t[alive], b[alive], t1[alive], cand[:, alive]
     for step in range(MAX_STEPS):
         if not alive.numel():
             break
-        dist = heads.distance(ox + dx * ta, oy + dy * ta, oz + dz * ta, ba)
+        dist, own = heads.distance(ox + dx * ta, oy + dy * ta, oz + dz * ta, ba, ca)
         # The last step accepts a looser tolerance: grazing rays at silhouettes converge slowly.
-        tol = eps_per_t * ta * (1.0 if step < MAX_STEPS - 1 else 8.0)
+        tol = eps_per_t * ta * (1.0 if step < MAX_STEPS - 1 else 6.0)
         done = dist < tol
-        hit[alive[done]] = True
-        t[alive[done]] = ta[done]
+        done_idx = alive[done]
+        hit[done_idx] = True
+        t[done_idx] = ta[done]
+        owner[done_idx] = own[done]
         ta = ta + dist
         keep = ~done & (ta < end)
         alive, ox, oy, oz, dx, dy, dz, ta, ba, end = (
             v[keep] for v in (alive, ox, oy, oz, dx, dy, dz, ta, ba, end))
-    return hit, t
+        ca = ca[:, keep]
+    return hit, t, owner, cand
 
 
 def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolution: int = 64,
            supersample: int = 2) -> dict[str, Tensor]:
     """Render heads from EG3D camera labels (B, 25), one label per head.
 
-    Returns 'rgb' (B, 3, R, R) in [0, 1], 'depth' (B, 1, R, R) (mean ray distance of the hit
-    subsamples, 0 where nothing is hit) and 'mask' (B, 1, R, R) (hit fraction).
+    Returns 'rgb' (B, 3, R, R) in [0, 1], 'depth' (B, 1, R, R) (mean world ray distance of
+    the hit subsamples, 0 where nothing is hit) and 'mask' (B, 1, R, R) (hit fraction).
     """
     heads = identities if isinstance(identities, HeadBatch) else HeadBatch(identities)
     labels = torch.as_tensor(labels, dtype=torch.float32)
@@ -188,11 +267,12 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
     if resolution < 1 or supersample < 1:
         raise ValueError(f"resolution and supersample must be >= 1, got {resolution}, {supersample}")
     res = resolution * supersample
+    n, B = res * res, heads.size
     origins, dirs = camera_rays(labels, res)
-    n = res * res
-    B = heads.size
+    head_origin = torch.tensor(HEAD_ORIGIN)
+    origins = (origins - head_origin) / HEAD_SCALE + head_origin  # into the model frame
     focal = split_label(labels)[1][:, 0, 0].min().item()
-    eps_per_t = 0.35 / (focal * res)  # a third of a (supersampled) pixel footprint
+    eps_per_t = 0.35 / (focal * res)  # about a third of a (supersampled) pixel footprint
     rgb = heads.background.repeat_interleave(n, dim=0)
     depth = torch.zeros(B * n)
     hit = torch.zeros(B * n, dtype=torch.bool)
@@ -200,13 +280,13 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
     all_b = torch.arange(B).repeat_interleave(n)
     for start in range(0, B * n, CHUNK_RAYS):
         sl = slice(start, min(start + CHUNK_RAYS, B * n))
-        b = all_b[sl]
+        b, d = all_b[sl], all_dirs[sl]
         o = origins[b]
-        h, t = _trace(heads, o, all_dirs[sl], b, eps_per_t)
+        h, t, owner, cand = _trace(heads, o, d, b, eps_per_t)
         idx = h.nonzero().squeeze(1)
-        p = o[idx] + all_dirs[sl][idx] * t[idx].unsqueeze(-1)
-        rgb[start + idx] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx])
-        depth[start + idx] = t[idx]
+        p = o[idx] + d[idx] * t[idx].unsqueeze(-1)
+        rgb[start + idx] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx], cand[:, idx], owner[idx])
+        depth[start + idx] = t[idx] * HEAD_SCALE
         hit[start + idx] = True
 
     def pool(img: Tensor, c: int) -> Tensor:
@@ -214,10 +294,8 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
         return F.avg_pool2d(img, supersample) if supersample > 1 else img
 
     mask = pool(hit.float(), 1)
-    depth_sum = pool(depth, 1)
-    return {"rgb": pool(rgb, 3).clamp(0.0, 1.0),
-            "depth": torch.where(mask > 0, depth_sum / mask.clamp_min(1e-6), torch.zeros_like(mask)),
-            "mask": mask}
+    depth = torch.where(mask > 0, pool(depth, 1) / mask.clamp_min(1e-6), torch.zeros_like(mask))
+    return {"rgb": pool(rgb, 3).clamp(0.0, 1.0), "depth": depth, "mask": mask}
 
 
 def to_uint8(rgb: Tensor) -> np.ndarray:
