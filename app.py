@@ -62,7 +62,7 @@ def build_demo(backend: AppBackend, examples: list[str]) -> gr.Blocks:
         try:
             return method(*args)
         except InputError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
 
     @gpu
     def generate(prompt, seed, psi, yaw, pitch, request: gr.Request):

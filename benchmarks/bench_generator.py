@@ -1,7 +1,7 @@
 """Per-stage timings of the tri-plane generator (median over repeats), CPU or CUDA.
 
-    python benchmarks/bench_generator.py                       # tiny + eg3d-ffhq-512 on the CPU
-    python benchmarks/bench_generator.py --device cuda         # + frames/s and peak memory, fp32 and fp16
+    python -m benchmarks.bench_generator                       # tiny + eg3d-ffhq-512 on the CPU
+    python -m benchmarks.bench_generator --device cuda         # + frames/s and peak memory, fp32 and fp16
 
 Stages at batch 1: mapping, backbone (tri-plane synthesis), volume rendering, super-resolution,
 the full forward pass, and a re-render from cached tri-planes (camera-only change, the app's

@@ -39,7 +39,7 @@ PSI_RANGE = (0.0, 1.0)
 MAX_PROMPT_CHARS = 1000                  # far beyond the 75 tokens CLIP reads; guards the tokenizer
 MAX_MIX_PROMPTS = 8
 STRIP_STEPS = (2, 10)
-VIDEO_FRAMES = (8, 240)
+VIDEO_FRAMES = (2, 240)
 VIDEO_FPS = 30
 MESH_MIN_RESOLUTION = 16
 DISPLAY_MIN_SIZE = 512                   # small renders are enlarged (nearest neighbour) to at least this
@@ -82,7 +82,7 @@ def load_pipeline(checkpoint: str | Path | None, device: str | None = None) -> D
     present, else CPU); any failure becomes one :class:`StartupError` paragraph naming the file."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(checkpoint) if checkpoint is not None else find_default_checkpoint()
-    file = path / GENERATOR_FILE if path.is_dir() else path
+    file = path / GENERATOR_FILE if path.is_dir() or path.suffix != ".safetensors" else path
     if not file.is_file():
         raise StartupError(f"DreamPortrait could not load its model: {file} does not exist. To fix this, {TRAIN_HINT}.")
     try:
@@ -234,6 +234,14 @@ class SessionStore:
                 _free(old)
             return session
 
+    def find(self, session_id: str) -> Session | None:
+        """The session if it is stored (marked as most recently used), else None; never creates one."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self._sessions.move_to_end(session_id)
+            return session
+
     def was_evicted(self, session_id: str) -> bool:
         return session_id in self._evicted
 
@@ -290,13 +298,14 @@ class AppBackend:
         return prompt
 
     def _current(self, session_id: str, action: str) -> Session:
-        """The session's portrait, or an error saying to generate one first."""
-        session = self.sessions.get(session_id)
-        if session.portrait is None:
+        """The session holding a portrait, or an error saying to generate one first (no session is created,
+        so requests that fail never evict anyone)."""
+        session = self.sessions.find(session_id)
+        if session is None or session.portrait is None:
             if self.sessions.was_evicted(session_id):
                 raise InputError(f"Cannot {action}: your portrait was dropped to make room for other visitors "
                                  f"(the server keeps {self.sessions.capacity} sessions). Press Generate again.")
-            raise InputError(f"Nothing to {action} yet: generate a portrait first (Generate tab), then try again.")
+            raise InputError(f"Nothing to {action} yet: generate a portrait first (Portrait tab), then try again.")
         return session
 
     def _show(self, images: torch.Tensor) -> np.ndarray:

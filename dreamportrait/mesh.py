@@ -129,11 +129,13 @@ def marching_cubes(grid: np.ndarray, threshold: float, box_warp: float) -> tuple
     vertices, faces = mcubes.marching_cubes(grid, float(threshold))
     if len(faces) == 0:
         lo, hi = float(grid.min()), float(grid.max())
-        fix = ("lower the threshold" if threshold >= hi else "raise the threshold") if lo < hi else \
-            "the density is constant; check the planes"
+        if threshold >= hi:
+            fix = f"the threshold is too high: lower it below {hi:.4g}"
+        else:
+            fix = f"everything is inside: raise the threshold above {lo:.4g}, or trim the border (border=1)"
         raise ValueError(f"no surface at threshold {threshold:g}: raw density on the grid ranges over "
-                         f"[{lo:.3g}, {hi:.3g}]; {fix} to a value inside that range "
-                         f"(EG3D uses {DEFAULT_THRESHOLD:g}; usually between 2 and 20)")
+                         f"[{lo:.4g}, {hi:.4g}]; {fix} (EG3D uses {DEFAULT_THRESHOLD:g} for trained models, "
+                         "usually between 2 and 20)")
     # mcubes returns vertices as (axis 0, axis 1, axis 2) grid indices, i.e. (x, y, z) here.
     n = grid.shape[0]
     world = vertices * (box_warp / (n - 1)) - box_warp / 2

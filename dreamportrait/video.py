@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import imageio_ffmpeg
 import numpy as np
@@ -99,16 +99,16 @@ def orbit_cameras(G, num_frames: int, kind: str = "eg3d", max_yaw_deg: float = 3
     return camera_label(yaw, pitch, focal, G.config.avg_camera_pivot, G.config.avg_camera_radius)
 
 
-@torch.no_grad()
 def render_orbit(G, planes: torch.Tensor, ws: torch.Tensor, num_frames: int = 60, kind: str = "eg3d",
                  resolution: int | None = None, upscale: int = 1, output: str = "image", batch_size: int = 4,
                  depth_multiplier: int = 1, max_yaw_deg: float = 30.0,
                  progress: Progress | None = None) -> Iterator[np.ndarray]:
-    """Yield (H, W, 3) uint8 frames of cached planes (1, 3, C, H, W) with ws (1, num_ws, w_dim) along an orbit.
+    """(H, W, 3) uint8 frames of cached planes (1, 3, C, H, W) with ws (1, num_ws, w_dim) along an orbit.
 
-    Frames are rendered lazily, ``batch_size`` cameras at a time (bounding memory), with deterministic
-    depth sampling. resolution: neural rendering resolution (None: the generator's). upscale: integer
-    bilinear enlargement of each frame (e.g. for the tiny preset's 64-pixel output). output: 'image'
+    Arguments are checked now; frames are rendered lazily as the returned iterator is consumed,
+    ``batch_size`` cameras at a time (bounding memory), with deterministic depth sampling.
+    resolution: neural rendering resolution (None: the generator's). upscale: integer bilinear
+    enlargement of each frame (e.g. for the tiny preset's 64-pixel output). output: 'image'
     (super-resolved) or 'image_raw' (the neural render). depth_multiplier: samples per ray x this
     (EG3D's videos use 2). ``progress(done_frames, num_frames)`` is called after every batch.
     """
@@ -120,16 +120,23 @@ def render_orbit(G, planes: torch.Tensor, ws: torch.Tensor, num_frames: int = 60
     if int(upscale) != upscale or upscale < 1 or batch_size < 1:
         raise ValueError(f"upscale and batch_size must be positive integers, got {upscale} and {batch_size}")
     cameras = orbit_cameras(G, num_frames, kind, max_yaw_deg).to(planes.device)
-    for start in range(0, num_frames, batch_size):
+    return _render_frames(G, planes, ws, cameras, resolution, int(upscale), output, batch_size, depth_multiplier,
+                          progress)
+
+
+@torch.no_grad()
+def _render_frames(G, planes, ws, cameras, resolution, upscale, output, batch_size, depth_multiplier, progress):
+    total = cameras.shape[0]
+    for start in range(0, total, batch_size):
         c = cameras[start:start + batch_size]
         n = c.shape[0]
         images = G.render(planes.expand(n, -1, -1, -1, -1), ws.expand(n, -1, -1), c, resolution,
                           deterministic=True, depth_multiplier=depth_multiplier)[output]
         if upscale > 1:
-            images = F.interpolate(images.float(), scale_factor=int(upscale), mode="bilinear", align_corners=False)
+            images = F.interpolate(images.float(), scale_factor=upscale, mode="bilinear", align_corners=False)
         yield from to_uint8(images)
         if progress is not None:
-            progress(start + n, num_frames)
+            progress(start + n, total)
 
 
 def orbit_video(G, planes: torch.Tensor, ws: torch.Tensor, path, num_frames: int = 60, fps: float = 30,

@@ -154,9 +154,9 @@ def test_density_grid_is_x_slowest_z_fastest_in_world_units():
 
 def test_threshold_outside_density_range_names_the_fix():
     G, planes = sphere_setup(1.0)
-    with pytest.raises(ValueError, match="lower the threshold"):
+    with pytest.raises(ValueError, match=r"too high: lower it below 71\.7"):
         extract_mesh(G, planes, resolution=16, threshold=1e6)
-    with pytest.raises(ValueError, match="raise the threshold"):
+    with pytest.raises(ValueError, match=r"raise the threshold above -75.*border=1"):
         extract_mesh(G, planes, resolution=16, threshold=-1e6)
 
 

@@ -79,11 +79,14 @@ class PartPoints:
         m = self.x.shape[0]
         return torch.stack([torch.as_tensor(c, dtype=torch.float32).expand(m) for c in self[name]], dim=-1)
 
-    def moved(self, dx: float, dy: float, dz: float) -> "PartPoints":
-        """The same heads at shifted points, sharing the gathered parameters."""
-        q = PartPoints(self.x + dx, self.y + dy, self.z + dz, self.b, self.rows, self.slots)
+    def at(self, x: Tensor, y: Tensor, z: Tensor) -> "PartPoints":
+        """Other points of the same heads, sharing the gathered parameters."""
+        q = PartPoints(x, y, z, self.b, self.rows, self.slots)
         q._cache = self._cache
         return q
+
+    def moved(self, dx: float, dy: float, dz: float) -> "PartPoints":
+        return self.at(self.x + dx, self.y + dy, self.z + dz)
 
     @property
     def ax(self) -> Tensor:
@@ -114,6 +117,14 @@ class Part:
     shapes: tuple[Shape, ...]
     albedo: Callable[[PartPoints], Tensor]
     flag: str | None = None  # parameter (0/1) enabling the part; None: every head has it
+
+    def distance(self, q: PartPoints) -> Tensor:
+        """Union of the part's shapes (smooth where a shape has a blend radius) at points q."""
+        d = self.shapes[0].distance(q)
+        for shape in self.shapes[1:]:
+            dk = shape.distance(q)
+            d = sdf.smooth_union(d, dk, shape.blend) if shape.blend > 0 else torch.minimum(d, dk)
+        return d
 
 
 def _gauss(d: Tensor, width: float) -> Tensor:

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from dreamportrait.cameras import split_label
 
-from . import sdf
 from .attributes import Identity
 from .heads import HEAD_ORIGIN, HEAD_SCALE, PARTS, SCENE_BOX, Part, PartPoints
 from .proportions import background_colour, head_parameters
@@ -40,23 +39,21 @@ MAX_STEPS = 40
 CHUNK_RAYS = 1 << 16
 FAR = 1e3  # "no surface" distance; finite so that smooth unions with it stay exact
 _TETRA = ((1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, 1.0, 1.0))
-# Shape index ranges of every part in the flat list of shapes.
-_SHAPE_RANGES = np.cumsum([0] + [len(p.shapes) for p in PARTS])
 
 
-def _shape_boxes() -> tuple[Tensor, Tensor, Tensor]:
-    """Every shape's box (and its mirror image), as lo/hi (N, 3) and the owning shape (N,)."""
+def _part_boxes() -> tuple[Tensor, Tensor, Tensor]:
+    """Every shape's box (and its mirror image) as lo/hi (N, 3), and the owning part (N,)."""
     lo, hi, owner = [], [], []
-    shapes = [s for p in PARTS for s in p.shapes]
-    for k, s in enumerate(shapes):
-        (x0, y0, z0), (x1, y1, z1) = s.box
-        lo.append((x0, y0, z0)), hi.append((x1, y1, z1)), owner.append(k)
-        if s.mirror:
-            lo.append((-x1, y0, z0)), hi.append((-x0, y1, z1)), owner.append(k)
+    for i, part in enumerate(PARTS):
+        for s in part.shapes:
+            (x0, y0, z0), (x1, y1, z1) = s.box
+            lo.append((x0, y0, z0)), hi.append((x1, y1, z1)), owner.append(i)
+            if s.mirror:
+                lo.append((-x1, y0, z0)), hi.append((-x0, y1, z1)), owner.append(i)
     return torch.tensor(lo), torch.tensor(hi), torch.tensor(owner)
 
 
-_BOX_LO, _BOX_HI, _BOX_SHAPE = _shape_boxes()
+_BOX_LO, _BOX_HI, _BOX_PART = _part_boxes()
 
 
 def _slab(o: Tensor, inv: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,93 +98,141 @@ class HeadBatch:
         self.background = torch.tensor(np.stack([background_colour(i) for i in identities]),
                                        dtype=torch.float32)
 
+    def points(self, i: int, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> PartPoints:
+        return PartPoints(x, y, z, b, self.rows[i], self.slots[i])
+
     def candidates(self, o: Tensor, d: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Which shapes each ray may meet: (S, M) bool, and the first entry / last exit t."""
+        """Which parts each ray may meet, (P, M) bool, and its first box entry / last exit t.
+
+        A ray may meet a part when its head has the part and the ray crosses one of the
+        part's shape boxes.
+        """
         inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
         t_in, t_out = _slab(o, inv, _BOX_LO, _BOX_HI)
         crosses = (t_in < t_out) & (t_out > 0)
-        enabled = torch.ones(int(_SHAPE_RANGES[-1]), o.shape[0], dtype=torch.bool)
+        enabled = torch.ones(len(PARTS), o.shape[0], dtype=torch.bool)
         for i, flag in enumerate(self.flags):
             if flag is not None:
-                enabled[_SHAPE_RANGES[i]:_SHAPE_RANGES[i + 1]] = flag[b].unsqueeze(0)
-        usable = crosses & enabled[_BOX_SHAPE].t()  # (M, boxes)
+                enabled[i] = flag[b]
+        usable = crosses & enabled[_BOX_PART].t()  # (M, boxes)
         cand = torch.zeros_like(enabled)
-        for j, k in enumerate(_BOX_SHAPE.tolist()):
-            cand[k] |= usable[:, j]
+        for j, i in enumerate(_BOX_PART.tolist()):
+            cand[i] |= usable[:, j]
         first = torch.where(usable, t_in, torch.full_like(t_in, math.inf)).amin(dim=1)
         last = torch.where(usable, t_out, torch.full_like(t_out, -math.inf)).amax(dim=1)
         return cand, first.clamp_min(0.0), last
 
-    def part_distance(self, i: int, q: PartPoints, cand: Tensor) -> Tensor:
-        """Distance of part i at points q, using only the shapes each point's ray may meet."""
-        part = PARTS[i]
-        if len(part.shapes) == 1:
-            return part.shapes[0].distance(q)
-        d = torch.full_like(q.x, FAR)
-        for k, shape in enumerate(part.shapes):
-            sel = cand[k]
-            if bool(sel.all()):
-                idx, qk = None, q
-            else:
-                idx = sel.nonzero().squeeze(1)
-                if not idx.numel():
-                    continue
-                qk = _subset(q, idx)
-            dk = shape.distance(qk)
-            old = d if idx is None else d[idx]
-            new = sdf.smooth_union(old, dk, shape.blend) if shape.blend > 0 else torch.minimum(old, dk)
-            if idx is None:
-                d = new
-            else:
-                d[idx] = new
-        return d
-
-    def points(self, i: int, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> PartPoints:
-        return PartPoints(x, y, z, b, self.rows[i], self.slots[i])
-
-    def distance(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
-        """Distance of the whole head and the index of the nearest part, at points of heads b."""
-        d = torch.full_like(x, FAR)
-        owner = torch.zeros_like(b)
-        for i in range(len(PARTS)):
-            cp = cand[_SHAPE_RANGES[i]:_SHAPE_RANGES[i + 1]]
-            anywhere = cp.any(dim=0) if cp.shape[0] > 1 else cp[0]
-            idx = anywhere.nonzero().squeeze(1)
-            if not idx.numel():
-                continue
-            dp = self.part_distance(i, self.points(i, x[idx], y[idx], z[idx], b[idx]), cp[:, idx])
-            cur = d[idx]
-            better = dp < cur
-            d[idx] = torch.where(better, dp, cur)
-            owner[idx] = torch.where(better, i, owner[idx])
-        return d, owner
-
-    def shade(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, cand: Tensor, owner: Tensor) -> Tensor:
+    def shade(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, owner: Tensor) -> Tensor:
         """(M, 3) lit colour of surface points whose nearest part is ``owner``."""
         light = torch.tensor(LIGHT) / math.sqrt(sum(v * v for v in LIGHT))
         rgb = torch.zeros(x.shape[0], 3)
-        for i in range(len(PARTS)):
+        for i, part in enumerate(PARTS):
             idx = (owner == i).nonzero().squeeze(1)
             if not idx.numel():
                 continue
             q = self.points(i, x[idx], y[idx], z[idx], b[idx])
-            cp = cand[_SHAPE_RANGES[i]:_SHAPE_RANGES[i + 1], idx]
-            normal = _normal(lambda p: self.part_distance(i, p, cp), q)
+            normal = _normal(part, q)
             lambert = (normal @ light).clamp_min(0.0)
-            rgb[idx] = PARTS[i].albedo(q) * (AMBIENT + (1.0 - AMBIENT) * lambert).unsqueeze(-1)
+            rgb[idx] = part.albedo(q) * (AMBIENT + (1.0 - AMBIENT) * lambert).unsqueeze(-1)
         return rgb
 
 
-def _subset(q: PartPoints, idx: Tensor) -> PartPoints:
-    return PartPoints(q.x[idx], q.y[idx], q.z[idx], q.b[idx], q.rows, q.slots)
-
-
-def _normal(distance, q: PartPoints, h: float = 1e-3) -> Tensor:
-    """Unit normals from four tetrahedral finite differences of ``distance``."""
+def _normal(part: Part, q: PartPoints, h: float = 1e-3) -> Tensor:
+    """Unit normals from four tetrahedral finite differences of the part's distance."""
     n = torch.zeros(q.x.shape[0], 3)
     for e in _TETRA:
-        n += distance(q.moved(e[0] * h, e[1] * h, e[2] * h)).unsqueeze(-1) * torch.tensor(e)
+        n += part.distance(q.moved(e[0] * h, e[1] * h, e[2] * h)).unsqueeze(-1) * torch.tensor(e)
     return F.normalize(n, dim=-1)
+
+
+class _Marching:
+    """The rays of a chunk still being traced, compacted only when a third of them finished.
+
+    Between compactions finished rays are carried along (their t frozen). Each part is
+    evaluated densely when most marching rays may meet it, else on the gathered subset; the
+    heads' parameters are gathered once per compaction, not once per step.
+    """
+
+    DENSE = 0.4  # evaluate a part densely when at least this fraction of rays may meet it
+
+    def __init__(self, heads: HeadBatch, ids: Tensor, o: Tensor, d: Tensor, b: Tensor,
+                 t: Tensor, end: Tensor, cand: Tensor):
+        self.heads, self.ids = heads, ids
+        self.ox, self.oy, self.oz = o[:, 0], o[:, 1], o[:, 2]
+        self.dx, self.dy, self.dz = d[:, 0], d[:, 1], d[:, 2]
+        self.b, self.t, self.end, self.cand = b, t, end, cand
+        self.marching = torch.ones_like(t, dtype=torch.bool)
+        self.plans = []
+        m = t.shape[0]
+        for i, mask in enumerate(cand):
+            count = int(mask.sum())
+            if count == 0:
+                continue
+            if count >= self.DENSE * m:
+                sel = None if count == m else mask
+                self.plans.append((i, True, sel, heads.points(i, self.ox, self.oy, self.oz, b)))
+            else:
+                idx = mask.nonzero().squeeze(1)
+                self.plans.append((i, False, idx, heads.points(i, self.ox, self.oy, self.oz, b[idx])))
+
+    def compacted(self) -> "_Marching":
+        keep = self.marching.nonzero().squeeze(1)
+        o = torch.stack((self.ox, self.oy, self.oz), dim=1)[keep]
+        d = torch.stack((self.dx, self.dy, self.dz), dim=1)[keep]
+        return _Marching(self.heads, self.ids[keep], o, d, self.b[keep], self.t[keep], self.end[keep],
+                         self.cand[:, keep])
+
+    def distance(self) -> tuple[Tensor, Tensor]:
+        """Distance to the nearest part and its index, at the current points of all rays."""
+        t = self.t
+        x, y, z = self.ox + self.dx * t, self.oy + self.dy * t, self.oz + self.dz * t
+        d = torch.full_like(t, FAR)
+        owner = torch.zeros_like(self.b)
+        for i, dense, sel, q in self.plans:
+            if dense:
+                dp = PARTS[i].distance(q.at(x, y, z))
+                if sel is not None:
+                    dp = torch.where(sel, dp, FAR)
+                better = dp < d
+                d = torch.where(better, dp, d)
+                owner = torch.where(better, i, owner)
+            else:
+                dp = PARTS[i].distance(q.at(x[sel], y[sel], z[sel]))
+                cur = d[sel]
+                better = dp < cur
+                d[sel] = torch.where(better, dp, cur)
+                owner[sel] = torch.where(better, i, owner[sel])
+        return d, owner
+
+
+def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, eps_per_t: float):
+    """Sphere-trace model-space rays (M, 3) of heads b: (hit (M,), t (M,), owner part (M,))."""
+    cand, t0, t1 = heads.candidates(o, d, b)
+    s0, s1 = _scene_interval(o, d)
+    t0, t1 = torch.maximum(t0, s0), torch.minimum(t1, s1)
+    t_hit = torch.zeros_like(t0)
+    hit = torch.zeros_like(t0, dtype=torch.bool)
+    owner = torch.zeros_like(b)
+    start = (t0 < t1).nonzero().squeeze(1)
+    rays = _Marching(heads, start, o[start], d[start], b[start], t0[start], t1[start], cand[:, start])
+    for step in range(MAX_STEPS):
+        if not rays.ids.numel():
+            break
+        dist, own = rays.distance()
+        # The last step accepts a looser tolerance: grazing rays at silhouettes converge slowly.
+        tol = eps_per_t * rays.t * (1.0 if step < MAX_STEPS - 1 else 6.0)
+        done = rays.marching & (dist < tol)
+        done_idx = done.nonzero().squeeze(1)
+        ids = rays.ids[done_idx]
+        hit[ids] = True
+        t_hit[ids] = rays.t[done_idx]
+        owner[ids] = own[done_idx]
+        rays.marching &= ~done
+        rays.t = torch.where(rays.marching, rays.t + dist, rays.t)
+        rays.marching &= rays.t < rays.end
+        if int(rays.marching.sum()) < 0.7 * rays.t.shape[0]:
+            rays = rays.compacted()
+    return hit, t_hit, owner
 
 
 def camera_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
@@ -217,39 +262,6 @@ def _scene_interval(o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
     t_in, t_out = _slab(o, inv, lo.unsqueeze(0), hi.unsqueeze(0))
     return t_in.squeeze(1), t_out.squeeze(1)
-
-
-def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, eps_per_t: float):
-    """Sphere-trace model-space rays (M, 3) of heads b.
-
-    Returns (hit (M,), t (M,), owner part (M,), shape candidates (S, M)).
-    """
-    cand, t0, t1 = heads.candidates(o, d, b)
-    s0, s1 = _scene_interval(o, d)
-    t0, t1 = torch.maximum(t0, s0), torch.minimum(t1, s1)
-    t = t0.clone()
-    hit = torch.zeros_like(t, dtype=torch.bool)
-    owner = torch.zeros_like(b)
-    alive = (t0 < t1).nonzero().squeeze(1)
-    ox, oy, oz, dx, dy, dz = (c[alive] for c in (*o.unbind(1), *d.unbind(1)))
-    ta, ba, end, ca = t[alive], b[alive], t1[alive], cand[:, alive]
-    for step in range(MAX_STEPS):
-        if not alive.numel():
-            break
-        dist, own = heads.distance(ox + dx * ta, oy + dy * ta, oz + dz * ta, ba, ca)
-        # The last step accepts a looser tolerance: grazing rays at silhouettes converge slowly.
-        tol = eps_per_t * ta * (1.0 if step < MAX_STEPS - 1 else 6.0)
-        done = dist < tol
-        done_idx = alive[done]
-        hit[done_idx] = True
-        t[done_idx] = ta[done]
-        owner[done_idx] = own[done]
-        ta = ta + dist
-        keep = ~done & (ta < end)
-        alive, ox, oy, oz, dx, dy, dz, ta, ba, end = (
-            v[keep] for v in (alive, ox, oy, oz, dx, dy, dz, ta, ba, end))
-        ca = ca[:, keep]
-    return hit, t, owner, cand
 
 
 def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolution: int = 64,
@@ -282,10 +294,10 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
         sl = slice(start, min(start + CHUNK_RAYS, B * n))
         b, d = all_b[sl], all_dirs[sl]
         o = origins[b]
-        h, t, owner, cand = _trace(heads, o, d, b, eps_per_t)
+        h, t, owner = _trace(heads, o, d, b, eps_per_t)
         idx = h.nonzero().squeeze(1)
         p = o[idx] + d[idx] * t[idx].unsqueeze(-1)
-        rgb[start + idx] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx], cand[:, idx], owner[idx])
+        rgb[start + idx] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx], owner[idx])
         depth[start + idx] = t[idx] * HEAD_SCALE
         hit[start + idx] = True
 

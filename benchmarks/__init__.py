@@ -1,0 +1,1 @@
+"""Measurement scripts (not tests): run as python -m benchmarks.NAME from the repository root."""

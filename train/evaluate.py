@@ -1,0 +1,451 @@
+"""Metrics for a generator checkpoint: FID, CLIP R-Precision, MSC and attribute accuracy.
+
+``python -m train.evaluate CHECKPOINT --data DIR [--judge FILE] [--clip SPEC] [--num N] [--out FILE]``
+
+N items are drawn from the EG3D-format data set; each gives a real image, a fixed evaluation
+caption, a camera label and a random seed. From them:
+
+* **FID** (Heusel et al.): Fréchet distance between Gaussian fits of features of the N real
+  images and of N generated images. Each generated image follows EG3D's metric protocol: the
+  mapping is conditioned on the item's camera and the portrait is rendered from it. Features:
+  torchvision's ImageNet Inception-v3 pool features (2048-d) when its weights are already in the
+  local torch hub cache (nothing is downloaded), else the judge's penultimate features. The
+  output names the extractor; numbers from different extractors (or from the TF-Inception of
+  the reference FID code) are not comparable.
+* **CLIP R-Precision** (Park et al. 2021, as in the paper): for each portrait's frontal view,
+  its caption is ranked by CLIP similarity among K distractor captions drawn from the data set's
+  other evaluation captions; the score is the top-1 rate (ties shared), in percent.
+* **MSC** (the paper's multi-view semantic consistency): the CLIP score 100 * cos(image, text)
+  averaged over the frontal, -15° and +15° yaw views, then over portraits. Like the app, these
+  views condition the mapping on the frontal camera. Unlike torchmetrics' CLIPScore, negative
+  cosines are not clipped to 0.
+* **Attribute accuracy** (synthetic world): the judge's reading of the same three views against
+  the attributes each caption mentions (unmentioned attributes do not count); per attribute and
+  their mean, in percent.
+
+A metric whose component is missing (no judge, no CLIP, no Inception weights, a generator
+without text) is reported as skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIEWS = {"frontal": 0.0, "yaw-15": -15.0, "yaw+15": 15.0}  # MSC and attribute-accuracy views (degrees)
+DEFAULT_DISTRACTORS = 99  # Park et al.'s R-Precision: the true caption among 100
+FEATURE_CHOICES = ("auto", "inception", "judge")
+
+
+# ---- metric math -------------------------------------------------------------------------------
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (F,) and unbiased covariance (F, F) of features (N, F), in float64."""
+    x = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"feature statistics need at least 2 feature vectors (N, F), got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def _psd_sqrt(m: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues -> 0)."""
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2): the inner matrix is symmetric PSD, so an
+    eigen-decomposition gives it exactly, with no complex round-off (unlike a general sqrtm).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    root1 = _psd_sqrt(s1)
+    inner = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def clip_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """100 * cosine similarity of each image with its text: (N, D), (N, D) -> (N,)."""
+    if image_embeddings.shape != text_embeddings.shape or image_embeddings.ndim != 2:
+        raise ValueError(f"need paired (N, D) embeddings, got {tuple(image_embeddings.shape)} and "
+                         f"{tuple(text_embeddings.shape)}")
+    return 100 * F.cosine_similarity(image_embeddings.float(), text_embeddings.float(), dim=1)
+
+
+def r_precision(similarity: torch.Tensor, target: torch.Tensor | None = None) -> float:
+    """Top-1 rate of the true candidate per row of a (N, C) similarity matrix.
+
+    ``target`` (N,) gives the true column of each row (default: the diagonal). A tie at the top
+    counts as 1 / (number tied), the expected top-1 rate under random tie-breaking.
+    """
+    sim = torch.as_tensor(similarity, dtype=torch.float64)
+    if sim.ndim != 2 or sim.shape[0] == 0:
+        raise ValueError(f"similarity must be a non-empty (N, C) matrix, got shape {tuple(sim.shape)}")
+    rows = torch.arange(sim.shape[0])
+    target = rows if target is None else torch.as_tensor(target, dtype=torch.long)
+    true = sim[rows, target][:, None]
+    above = (sim > true).sum(dim=1)
+    tied = (sim == true).sum(dim=1)
+    return float(torch.where(above == 0, 1.0 / tied, 0.0).mean())
+
+
+def distractor_sets(captions: Sequence[str], pool: Sequence[str], k: int,
+                    rng: np.random.Generator) -> list[list[str]]:
+    """Per caption: [the caption, k distinct other captions drawn from ``pool``] (k capped by the pool)."""
+    unique = sorted(set(pool))
+    sets = []
+    for caption in captions:
+        others = [p for p in unique if p != caption]
+        pick = rng.choice(len(others), size=min(k, len(others)), replace=False)
+        sets.append([caption] + [others[i] for i in pick])
+    return sets
+
+
+def attribute_accuracy(predicted: Sequence[Mapping[str, str]],
+                       mentioned: Sequence[Mapping[str, str]]) -> dict:
+    """Fraction of mentioned attribute values that were predicted, per attribute and their mean.
+
+    ``predicted[i]`` holds the judge's reading of image i; ``mentioned[i]`` only the attributes
+    its caption states. The mean is over attributes (each attribute weighs the same).
+    """
+    if len(predicted) != len(mentioned):
+        raise ValueError(f"{len(predicted)} predictions but {len(mentioned)} captions")
+    hits: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for pred, want in zip(predicted, mentioned):
+        for name, value in want.items():
+            counts[name] = counts.get(name, 0) + 1
+            hits[name] = hits.get(name, 0) + int(pred[name] == value)
+    per = {name: hits[name] / counts[name] for name in sorted(counts)}
+    return {"per_attribute": per, "counts": dict(sorted(counts.items())),
+            "mean": sum(per.values()) / len(per) if per else math.nan}
+
+
+# ---- feature extractors for FID ------------------------------------------------------------------
+
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inception_weights_file() -> Path:
+    """Where torchvision keeps Inception-v3's ImageNet weights in the local torch hub cache."""
+    from torchvision.models import Inception_V3_Weights
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(Inception_V3_Weights.IMAGENET1K_V1.url).name
+
+
+def inception_extractor(device) -> Extractor:
+    """torchvision Inception-v3 (ImageNet weights from the hub cache) -> 2048-d pool features."""
+    from torchvision.models.inception import Inception3
+    file = inception_weights_file()
+    if not file.is_file():
+        raise FileNotFoundError(f"Inception-v3 weights not found at {file}; nothing is downloaded here: copy "
+                                "the torchvision file there, or use --fid-features judge")
+    net = Inception3(num_classes=1000, aux_logits=True, transform_input=False, init_weights=False)
+    net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    net.fc, net.AuxLogits, net.aux_logits = torch.nn.Identity(), None, False
+    net = net.to(device).eval()
+
+    @torch.no_grad()
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        # The Google weights expect inputs in [-1, 1] (what transform_input makes of normalised ones).
+        x = F.interpolate(images.to(device, torch.float32).clamp(-1, 1), size=(299, 299), mode="bilinear",
+                          align_corners=False, antialias=True)
+        return net(x)
+    return extract
+
+
+def fid_extractor(choice: str, judge, device) -> tuple[Extractor, str]:
+    """The FID feature extractor and its description; raises LookupError when none is available."""
+    if choice not in FEATURE_CHOICES:
+        raise ValueError(f"unknown FID feature extractor {choice!r}; choose one of {FEATURE_CHOICES}")
+    if choice == "inception" or (choice == "auto" and inception_weights_file().is_file()):
+        return inception_extractor(device), f"inception-v3 (torchvision ImageNet weights, {inception_weights_file()})"
+    if judge is None:
+        raise LookupError(f"no feature extractor: Inception-v3 weights are not at {inception_weights_file()} "
+                          "and no --judge was given")
+    return torch.no_grad()(judge.features), f"judge features ({judge.config.feature_dim}-d)"
+
+
+# ---- CLIP -----------------------------------------------------------------------------------------
+
+class Clip:
+    """An open_clip model with its tokenizer: unit-length image and text embeddings."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, name: str = "open_clip model"):
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        from open_clip.model import get_model_preprocess_cfg
+        from open_clip.tokenizer import SimpleTokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer or SimpleTokenizer(context_length=model.context_length)
+        self.name = name
+        cfg = get_model_preprocess_cfg(model)
+        size = cfg.get("size", 224)
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean = torch.tensor(cfg.get("mean") or OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std") or OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> (B, D), resized with antialiased bicubic as open_clip does."""
+        x = (images.to(self.device, torch.float32) + 1) / 2
+        x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(ids).float(), dim=-1)
+
+
+def load_clip(spec: str, device="cpu") -> Clip:
+    """An open_clip model from ``spec``: a local folder (open_clip_config.json with ``model_cfg`` plus
+    weights, e.g. the project's small CLIP), ``NAME:TAG`` (open_clip cache), ``NAME:/weights/file``,
+    or an open_clip ``local-dir:`` / ``hf-hub:`` name."""
+    import open_clip
+    if os.path.isdir(spec):
+        if not (Path(spec) / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{spec} has no open_clip_config.json; a CLIP folder holds that file "
+                                    "(with a 'model_cfg' entry) and its weights")
+        name, pretrained = f"local-dir:{spec}", None
+    elif spec.startswith(("local-dir:", "hf-hub:")):
+        name, pretrained = spec, None
+    elif ":" in spec:
+        name, pretrained = spec.split(":", 1)
+    else:
+        raise ValueError(f"--clip {spec!r} names no weights; use NAME:TAG (e.g. ViT-H-14:laion2b_s32b_b79k), "
+                         "NAME:/path/to/weights or a local CLIP folder")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as err:  # open_clip raises several types for missing configs or weights
+        raise RuntimeError(f"could not load CLIP {spec!r}: {err}") from err
+    return Clip(model, tokenizer, spec)
+
+
+# ---- data set ------------------------------------------------------------------------------------
+
+@dataclass
+class EvalItems:
+    """The N evaluated data set items: real images, captions, cameras and mentioned attributes."""
+    images: torch.Tensor            # (N, 3, R, R) uint8
+    labels: torch.Tensor            # (N, 25)
+    captions: list[str]
+    mentioned: list[dict] | None    # per caption: the attributes it states (None: unknown)
+    caption_pool: list[str]         # every evaluation caption of the data set (distractors)
+
+
+def load_items(data: str, num: int, seed: int) -> EvalItems:
+    """N items drawn without replacement from the data set (seeded)."""
+    raise NotImplementedError
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+def _z(seed: int, z_dim: int, device) -> torch.Tensor:
+    """The pipeline's z for a seed (same generator and draw as DreamPortraitPipeline.latent)."""
+    return torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@torch.no_grad()
+def generate(pipe, items: EvalItems, seeds: Sequence[int], psi: float, fid: bool, views: bool,
+             progress: bool = True) -> dict[str, torch.Tensor]:
+    """Generated images: 'fid' (N, 3, R, R) from the items' cameras, and one entry per view of VIEWS."""
+    from tqdm.auto import tqdm
+    G = pipe.G
+    out: dict[str, list] = {name: [] for name in (["fid"] if fid else []) + (list(VIEWS) if views else [])}
+    for i in tqdm(range(len(seeds)), desc="generating", disable=not progress):
+        prompt, seed = items.captions[i], int(seeds[i])
+        if fid:
+            c = items.labels[i:i + 1].to(pipe.device)
+            ws = G.mapping(_z(seed, G.config.z_dim, pipe.device), c, truncation_psi=psi)
+            portrait = pipe.portrait(prompt, seed, psi, ws=ws)
+            out["fid"].append(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"].cpu())
+        if views:
+            portrait = pipe.portrait(prompt, seed, psi)
+            for name, yaw in VIEWS.items():
+                out[name].append(pipe.render(portrait, yaw, 0.0)["image"].cpu())
+    return {name: torch.cat(images) for name, images in out.items()}
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([fn(images[i:i + batch]).float().cpu() for i in range(0, len(images), batch)])
+
+
+def _to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1
+
+
+# ---- the evaluation --------------------------------------------------------------------------------
+
+def evaluate(checkpoint: str, data: str, judge: str | None = None, clip: str | Clip | None = None,
+             num: int = 1000, seed: int = 0, psi: float = 1.0, distractors: int = DEFAULT_DISTRACTORS,
+             fid_features: str = "auto", device="cpu", progress: bool = True) -> dict:
+    """Every metric for one checkpoint (skipped ones with their reason) as a JSON-ready dict."""
+    from dreamportrait.pipeline import DreamPortraitPipeline
+    from train.judge import AttributeClassifier
+
+    pipe = DreamPortraitPipeline.from_pretrained(checkpoint, device=device)
+    judge_model = AttributeClassifier.from_pretrained(judge, device=device) if judge else None
+    clip_model = clip if isinstance(clip, Clip) or clip is None else load_clip(clip, device)
+    items = load_items(data, num, seed)
+    seeds = np.random.default_rng([seed, 1]).integers(0, 2 ** 31 - 1, size=len(items.captions))
+    metrics: dict[str, dict] = {}
+
+    try:
+        extractor, extractor_name = fid_extractor(fid_features, judge_model, device)
+    except LookupError as why:
+        extractor, metrics["fid"] = None, {"skipped": str(why)}
+    reasons = {}
+    if not pipe.text_conditioned:
+        reasons["clip"] = reasons["judge"] = "the generator is not text-conditioned"
+    if clip_model is None:
+        reasons.setdefault("clip", "no --clip given")
+    if judge_model is None:
+        reasons.setdefault("judge", "no --judge given")
+    elif items.mentioned is None:
+        reasons["judge"] = "the data set does not say which attributes its captions mention"
+    views = not ("clip" in reasons and "judge" in reasons)
+    fake = generate(pipe, items, seeds, psi, fid=extractor is not None, views=views, progress=progress)
+
+    if extractor is not None:
+        real_stats = feature_statistics(_batched(extractor, _to_float(items.images)))
+        fake_stats = feature_statistics(_batched(extractor, fake["fid"]))
+        metrics["fid"] = {"value": frechet_distance(*real_stats, *fake_stats), "feature_extractor": extractor_name,
+                          "num_real": len(items.images), "num_generated": len(fake["fid"])}
+
+    if "clip" in reasons:
+        metrics["clip_r_precision"] = metrics["msc"] = {"skipped": reasons["clip"]}
+    else:
+        metrics.update(_clip_metrics(clip_model, items, fake, distractors, seed))
+
+    if "judge" in reasons:
+        metrics["attribute_accuracy"] = {"skipped": reasons["judge"]}
+    else:
+        predicted = [row for name in VIEWS for row in judge_model.decode(judge_model.predict(fake[name]))]
+        acc = attribute_accuracy(predicted, items.mentioned * len(VIEWS))
+        metrics["attribute_accuracy"] = {
+            "value": 100 * acc["mean"], "unit": "percent", "views": list(VIEWS),
+            "per_attribute": {k: 100 * v for k, v in acc["per_attribute"].items()}, "counts": acc["counts"]}
+
+    return {"checkpoint": str(checkpoint), "data": str(data), "num": len(items.captions), "seed": seed,
+            "truncation_psi": psi, "metrics": metrics}
+
+
+def _clip_metrics(clip: Clip, items: EvalItems, fake: dict, distractors: int, seed: int) -> dict:
+    """CLIP R-Precision on the frontal views and MSC over all views."""
+    captions = items.captions
+    sets = distractor_sets(captions, items.caption_pool, distractors, np.random.default_rng([seed, 2]))
+    texts = sorted({t for s in sets for t in s})
+    index = {t: i for i, t in enumerate(texts)}
+    text_emb = torch.cat([clip.texts(texts[i:i + 256]).cpu() for i in range(0, len(texts), 256)])
+    frontal = _batched(clip.images, fake["frontal"])
+    if len(sets[0]) < 2:
+        rp = {"skipped": "the data set has no other evaluation caption to serve as a distractor"}
+    else:
+        k = min(len(s) for s in sets)
+        cand = torch.tensor([[index[t] for t in s[:k]] for s in sets])
+        sim = torch.einsum("nd,nkd->nk", frontal, text_emb[cand])
+        rp = {"value": 100 * r_precision(sim, torch.zeros(len(sets), dtype=torch.long)), "unit": "percent",
+              "distractors": k - 1, "view": "frontal", "clip": clip.name}
+    own = text_emb[[index[c] for c in captions]]
+    per_view = {name: float(clip_score(frontal if name == "frontal" else _batched(clip.images, fake[name]), own).mean())
+                for name in VIEWS}
+    msc = {"value": sum(per_view.values()) / len(per_view), "per_view": per_view, "clip": clip.name}
+    return {"clip_r_precision": rp, "msc": msc}
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+_TITLES = {"fid": "FID", "clip_r_precision": "CLIP R-Precision (%)", "msc": "MSC",
+           "attribute_accuracy": "attribute accuracy (%)"}
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of the metrics, one line per metric (skipped ones with the reason)."""
+    lines = [f"{'metric':<24}{'value':>10}  details", "-" * 72]
+    for key, title in _TITLES.items():
+        m = results["metrics"][key]
+        if "skipped" in m:
+            lines.append(f"{title:<24}{'skipped':>10}  {m['skipped']}")
+            continue
+        if key == "fid":
+            detail = f"{m['num_real']} real / {m['num_generated']} generated; {m['feature_extractor']}"
+        elif key == "clip_r_precision":
+            detail = f"top-1 among 1 + {m['distractors']} captions, {m['view']} view; CLIP {m['clip']}"
+        elif key == "msc":
+            detail = ", ".join(f"{v} {s:.2f}" for v, s in m["per_view"].items()) + f"; CLIP {m['clip']}"
+        else:
+            detail = f"mean over {len(m['per_attribute'])} mentioned attributes, views {', '.join(m['views'])}"
+        lines.append(f"{title:<24}{m['value']:>10.2f}  {detail}")
+    if "attribute_accuracy" in results["metrics"] and "per_attribute" in results["metrics"]["attribute_accuracy"]:
+        m = results["metrics"]["attribute_accuracy"]
+        lines += ["", f"{'attribute':<24}{'accuracy':>10}  mentions"]
+        lines += [f"{k:<24}{v:>10.1f}  {m['counts'][k]}" for k, v in m["per_attribute"].items()]
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path) -> None:
+    """Write the results atomically (temp file, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="generator.safetensors (or its folder)")
+    p.add_argument("--data", required=True, help="EG3D-format data set folder with captions")
+    p.add_argument("--judge", help="attribute classifier .safetensors (attribute accuracy; FID features "
+                                   "when Inception weights are absent)")
+    p.add_argument("--clip", help="CLIP for R-Precision and MSC: a local open_clip folder, NAME:TAG or NAME:FILE")
+    p.add_argument("--num", type=int, default=1000, help="number of real and of generated images (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the item draw, generator seeds and distractors")
+    p.add_argument("--psi", type=float, default=1.0, help="truncation psi (default 1: no truncation)")
+    p.add_argument("--distractors", type=int, default=DEFAULT_DISTRACTORS,
+                   help=f"R-Precision distractor captions per image (default {DEFAULT_DISTRACTORS})")
+    p.add_argument("--fid-features", choices=FEATURE_CHOICES, default="auto",
+                   help="auto: Inception-v3 if its weights are cached, else the judge")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="results.json", help="JSON output (default results.json)")
+    args = p.parse_args(argv)
+    if args.num < 2:
+        p.error("--num must be at least 2 (FID needs a covariance)")
+    results = evaluate(args.checkpoint, args.data, args.judge, args.clip, args.num, args.seed, args.psi,
+                       args.distractors, args.fid_features, args.device)
+    print(format_table(results))
+    write_json(results, args.out)
+    print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
