@@ -117,7 +117,7 @@ def build_demo(backend: AppBackend, examples: list[str]) -> gr.Blocks:
                         gr.Examples([[p] for p in examples], inputs=[prompt], label="Example prompts")
                     with gr.Row():
                         seed = gr.Textbox("0", label=f"Seed (0 – {MAX_SEED})", elem_id="seed", scale=3)
-                        random_seed = gr.Button("🎲 Random seed", scale=1)
+                        random_seed = gr.Button("Random seed", scale=1)
                     psi = gr.Slider(0.0, 1.0, value=0.7, step=0.05, label="Truncation ψ",
                                     info="lower: more typical faces; higher: more variety")
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -11,11 +11,19 @@ its page closes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,9 +327,12 @@ class AppBackend:
         return (f"{what} · true resolution **{h}×{h}** px, shown ×{display_scale(h)} with nearest-neighbour "
                 f"enlargement · raw neural render {nr}×{nr}")
 
-    def _views(self, portrait: Portrait, yaw: float, pitch: float):
+    def _views(self, portrait: Portrait, yaw: float, pitch: float, started: float, work: str):
+        """(image, depth, raw, caption) of ``portrait`` at the camera; the caption says how long ``work`` took."""
         views = self.pipeline.render(portrait, yaw, pitch)
-        what = (f"seed {portrait.seed} · ψ {portrait.truncation_psi:g} · yaw {yaw:+g}° · pitch {pitch:+g}°")
+        took = (time.perf_counter() - started) * 1000
+        what = (f"seed {portrait.seed} · ψ {portrait.truncation_psi:g} · yaw {yaw:+g}° · pitch {pitch:+g}° · "
+                f"{work} in {took:.0f} ms")
         return (self._show(views["image"]), self._show(depth_image(views["image_depth"])),
                 self._show(views["image_raw"]), self._caption(views, what))
 
@@ -343,16 +354,19 @@ class AppBackend:
         """New portrait (mapping + synthesis), kept for the session and rendered at the camera.
 
         Returns (image, depth, raw, caption)."""
+        started = time.perf_counter()
         prompt, seed, psi = self._encode_checked(prompt), parse_seed(seed), self._psi(psi)
         yaw, pitch = check_camera(yaw, pitch)
         session = self.sessions.get(session_id)
         session.portrait = self.pipeline.portrait(prompt, seed, psi)
-        return self._views(session.portrait, yaw, pitch)
+        return self._views(session.portrait, yaw, pitch, started, "generated (mapping, synthesis, render)")
 
     def render(self, session_id: str, yaw, pitch):
         """Re-render the session's cached tri-planes from a new camera (no mapping, no synthesis)."""
+        started = time.perf_counter()
         yaw, pitch = check_camera(yaw, pitch)
-        return self._views(self._current(session_id, "re-render").portrait, yaw, pitch)
+        return self._views(self._current(session_id, "re-render").portrait, yaw, pitch, started,
+                           "re-rendered from cached tri-planes")
 
     def orbit_video(self, session_id: str, num_frames=60, progress: Progress | None = None) -> str:
         """An mp4 of the current portrait along EG3D's orbit ellipse; returns its path."""
@@ -457,3 +471,59 @@ class AppBackend:
     def close_session(self, session_id: str) -> None:
         """Free a session's portrait and files (the page was closed)."""
         self.sessions.close(session_id)
+
+
+# Running the app as a separate process (end-to-end tests, benchmarks) ---------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def offline_env() -> dict:
+    """This process's environment with Gradio analytics off and no proxy for loopback."""
+    loopback = "127.0.0.1,localhost"
+    return dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", no_proxy=loopback, NO_PROXY=loopback,
+                PYTHONUNBUFFERED="1")
+
+
+@contextlib.contextmanager
+def app_process(checkpoint: str | Path, log: str | Path, *flags: str, timeout: float = 240.0):
+    """Run ``python app.py --checkpoint CHECKPOINT --host 127.0.0.1 --port FREE FLAGS`` (output to ``log``),
+    yield ``(url, process)`` once the page answers, and terminate it afterwards.
+
+    Raises RuntimeError (with the log) if the app exits, TimeoutError if it does not answer in ``timeout`` s.
+    """
+    url = f"http://127.0.0.1:{free_port()}/"
+    log = Path(log)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--checkpoint", str(checkpoint),
+                                 "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1].strip("/"), *flags],
+                                cwd=REPO_ROOT, env=offline_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with code {proc.returncode}:\n{log.read_text(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"app.py did not answer on {url} within {timeout:g} s:\n"
+                                   f"{log.read_text(errors='replace')}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "config", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

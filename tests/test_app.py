@@ -37,14 +37,17 @@ SCALE = 8  # the tiny model's 64 px output is enlarged x8 to 512 px for display
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_checkpoint() -> Path:
-    """A tiny text-conditioned generator folder, built once per test process and removed at exit."""
+def tiny_checkpoint(triplane_resolution: int = 64) -> Path:
+    """A tiny text-conditioned generator folder, built once per test process and removed at exit.
+
+    Larger tri-planes make synthesis (not rendering) slower, for timing comparisons."""
     root = Path(tempfile.mkdtemp(prefix="dreamportrait-tiny-"))
     atexit.register(shutil.rmtree, root, True)
     encoder = TextEncoder.from_config(ENCODER_CONFIG, seed=0)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        G = DreamPortraitGenerator(preset("tiny"), TextConditionConfig(text_dim=encoder.width, adapter_count=2))
+        G = DreamPortraitGenerator(preset("tiny", triplane_resolution=triplane_resolution),
+                                   TextConditionConfig(text_dim=encoder.width, adapter_count=2))
         for name, param in G.named_parameters():
             if name.endswith(".gamma"):
                 param.fill_(1.0)  # open the cross-attention gates
@@ -100,7 +103,7 @@ def test_generate_is_deterministic_sharp_and_states_true_resolution(backend, pip
     assert image.shape == (64 * SCALE, 64 * SCALE, 3)
     blocks = image.reshape(64, SCALE, 64, SCALE, 3)
     assert (blocks == blocks[:, :1, :, :1]).all(), "enlargement must be nearest-neighbour (sharp blocks)"
-    assert "64×64" in caption and "×8" in caption and "32×32" in caption
+    assert "64×64" in caption and "×8" in caption and "32×32" in caption and "generated (mapping" in caption
     assert raw.shape == (32 * 16, 32 * 16, 3) and depth.shape == raw.shape
     assert depth.std() > 0 and not np.array_equal(image, backend.generate("s", PROMPT, 6, 0.7, 10, -5)[0])
 
@@ -113,6 +116,7 @@ def test_render_reuses_cached_planes_and_equals_fresh_generation(backend, pipeli
         monkeypatch.setattr(pipeline.G, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     turned = backend.render("a", 30, -10)
     assert calls == [], "a camera change must not run mapping or synthesis"
+    assert "re-rendered from cached tri-planes in" in turned[3]
     monkeypatch.undo()
     fresh = backend.generate("b", PROMPT, 3, 0.7, 30, -10)
     for got, want in zip(turned[:3], fresh[:3]):

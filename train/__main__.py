@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {out}")
+    print(f"done: {out.generator_file} ({out.cur_nimg / 1000:.3f} kimg)")
     return 0
 
 

@@ -38,8 +38,8 @@ class TextConfig:
     open_clip_config: dict | None = None        # a small text config built with open_clip's classes
     sd_pipeline: str | None = None              # or the text_encoder of a Stable-Diffusion-style folder
     seed: int = 0                               # initialisation seed of a config-built encoder
-    adapter_resolutions: tuple = (4, 8, 16, 32, 64, 128)
-    adapter_heads: int = 4
+    adapter_resolutions: tuple | None = None    # None: adapter_count blocks spread from 4^2 to the top
+    adapter_count: int = 6
 
 
 @dataclass

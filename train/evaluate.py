@@ -267,10 +267,15 @@ def _z(seed: int, z_dim: int, device) -> torch.Tensor:
     return torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+def _quantise(images: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] -> uint8, exactly as EG3D saves and scores its images."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+
+
 @torch.no_grad()
 def generate(pipe, items: EvalItems, seeds: Sequence[int], psi: float, fid: bool, views: bool,
              progress: bool = True) -> dict[str, torch.Tensor]:
-    """Generated images: 'fid' (N, 3, R, R) from the items' cameras, and one entry per view of VIEWS."""
+    """Generated uint8 images: 'fid' (N, 3, R, R) from the items' cameras, and one entry per view of VIEWS."""
     from tqdm.auto import tqdm
     G = pipe.G
     out: dict[str, list] = {name: [] for name in (["fid"] if fid else []) + (list(VIEWS) if views else [])}
@@ -280,20 +285,27 @@ def generate(pipe, items: EvalItems, seeds: Sequence[int], psi: float, fid: bool
             c = items.labels[i:i + 1].to(pipe.device)
             ws = G.mapping(_z(seed, G.config.z_dim, pipe.device), c, truncation_psi=psi)
             portrait = pipe.portrait(prompt, seed, psi, ws=ws)
-            out["fid"].append(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"].cpu())
+            out["fid"].append(_quantise(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"]))
         if views:
             portrait = pipe.portrait(prompt, seed, psi)
             for name, yaw in VIEWS.items():
-                out[name].append(pipe.render(portrait, yaw, 0.0)["image"].cpu())
+                out[name].append(_quantise(pipe.render(portrait, yaw, 0.0)["image"]))
     return {name: torch.cat(images) for name, images in out.items()}
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    return torch.cat([fn(images[i:i + batch]).float().cpu() for i in range(0, len(images), batch)])
+    """Apply ``fn`` to uint8 images (N, 3, R, R), given to it in [-1, 1], in batches."""
+    return torch.cat([fn(_signed(images[i:i + batch])).float().cpu() for i in range(0, len(images), batch)])
 
 
-def _to_float(images_uint8: torch.Tensor) -> torch.Tensor:
+def _signed(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1
+
+
+def _judge_readings(judge, images: torch.Tensor, batch: int = 32) -> list[dict[str, str]]:
+    """The judge's attribute values for uint8 images (N, 3, R, R)."""
+    return [row for i in range(0, len(images), batch)
+            for row in judge.decode(judge.predict(_signed(images[i:i + batch])))]
 
 
 # ---- the evaluation --------------------------------------------------------------------------------
@@ -329,7 +341,7 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None, clip: str | C
     fake = generate(pipe, items, seeds, psi, fid=extractor is not None, views=views, progress=progress)
 
     if extractor is not None:
-        real_stats = feature_statistics(_batched(extractor, _to_float(items.images)))
+        real_stats = feature_statistics(_batched(extractor, items.images))
         fake_stats = feature_statistics(_batched(extractor, fake["fid"]))
         metrics["fid"] = {"value": frechet_distance(*real_stats, *fake_stats), "feature_extractor": extractor_name,
                           "num_real": len(items.images), "num_generated": len(fake["fid"])}
@@ -342,7 +354,7 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None, clip: str | C
     if "judge" in reasons:
         metrics["attribute_accuracy"] = {"skipped": reasons["judge"]}
     else:
-        predicted = [row for name in VIEWS for row in judge_model.decode(judge_model.predict(fake[name]))]
+        predicted = [row for name in VIEWS for row in _judge_readings(judge_model, fake[name])]
         acc = attribute_accuracy(predicted, items.mentioned * len(VIEWS))
         metrics["attribute_accuracy"] = {
             "value": 100 * acc["mean"], "unit": "percent", "views": list(VIEWS),

@@ -28,6 +28,15 @@ STATE_FILE = "training-state.pt"
 
 
 @dataclass
+class TrainResult:
+    generator_file: Path
+    G: torch.nn.Module
+    G_ema: torch.nn.Module
+    D: torch.nn.Module
+    cur_nimg: int
+
+
+@dataclass
 class Phase:
     name: str
     module: str          # 'G' or 'D'
@@ -78,8 +87,8 @@ def save_state_atomic(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, stage: str, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Run ``stage`` of ``cfg`` into ``run_dir``; returns the final generator file."""
+def train(cfg: TrainConfig, stage: str, run_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run ``stage`` of ``cfg`` into ``run_dir`` (rank 0 writes); returns the trained models."""
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, stage, Path(run_dir), resume, progress, info)
@@ -87,7 +96,7 @@ def train(cfg: TrainConfig, stage: str, run_dir: str | Path, resume: bool = Fals
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: bool, info: DistInfo) -> Path:
+def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: bool, info: DistInfo) -> TrainResult:
     stage_cfg = cfg.stage(stage)
     if cfg.batch % (info.world_size * stage_cfg.grad_accum) != 0:
         raise ValueError(f"batch {cfg.batch} must be divisible by world size {info.world_size} x "
@@ -180,4 +189,4 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
     if step == 0:
         snapshot()
     log.close()
-    return run_dir / setup.GENERATOR_FILE
+    return TrainResult(run_dir / setup.GENERATOR_FILE, G, G_ema, D, cur_nimg)

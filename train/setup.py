@@ -70,12 +70,15 @@ class CachedData:
     """A captioned EG3D-format data set held in memory as uint8 (small data sets, fast steps)."""
 
     def __init__(self, path: str, seed: int):
-        from train.data import CaptionedImageDataset
-        self.dataset = CaptionedImageDataset(path, training=True, seed=seed)
-        items = [self.dataset.load(i) for i in range(len(self.dataset))]
-        self.images = torch.stack([it["image_uint8"] for it in items])
-        self.labels = torch.stack([it["c"] for it in items]).float()
-        self.captions = [it["captions"] for it in items]
+        import json
+        import numpy as np
+        from PIL import Image
+        root = Path(path)
+        labels = json.loads((root / "dataset.json").read_text())["labels"]
+        caps = json.loads((root / "captions.json").read_text())
+        self.images = torch.stack([torch.from_numpy(np.array(Image.open(root / f))).permute(2, 0, 1) for f, _ in labels])
+        self.labels = torch.tensor([l for _, l in labels], dtype=torch.float32)
+        self.captions = [caps[f] for f, _ in labels]
         self.rng = torch.Generator().manual_seed(seed + 17)
 
     def __len__(self) -> int:
@@ -173,7 +176,8 @@ def build(cfg: TrainConfig, stage: str, device: torch.device) -> Built:
         G, D = TriPlaneGenerator(gen_cfg), None
     G.neural_rendering_resolution = cfg.gan.neural_rendering_resolution_initial
     if stage != "prior" and not isinstance(G, DreamPortraitGenerator):
-        text_cfg = TextConditionConfig(text_dim=text_encoder.width, adapter_resolutions=cfg.text.adapter_resolutions)
+        text_cfg = TextConditionConfig(text_dim=text_encoder.width, adapter_resolutions=cfg.text.adapter_resolutions,
+                                       adapter_count=cfg.text.adapter_count)
         G = DreamPortraitGenerator.from_eg3d(G, text_cfg)
     if D is None:
         c = G.config
@@ -207,7 +211,7 @@ def sds_loss(sds, captions: list[str]):
     def term(gen_img: dict) -> tuple[torch.Tensor, dict]:
         text_emb = sds.teacher.encode_prompts(captions)
         out = sds(gen_img["image"].float(), text_emb)
-        return out.loss, {"loss/sds": float(out.loss), "sds/t_mean": float(out.stats["t_mean"])}
+        return out.loss, {"loss/sds": out.loss.item(), "sds/t_mean": out.stats["t_mean"].item()}
     return term
 
 

@@ -8,7 +8,9 @@ across x = 0 for left/right pairs) that contains it, dilated by its blend radius
 skips a shape for every ray that never enters its box.
 
 Shapes are modelled in a canonical frame and placed in EG3D's FFHQ world frame by a uniform
-scale :data:`HEAD_SCALE` about :data:`HEAD_ORIGIN` (eye height): y up, the face looks toward
+scale :data:`HEAD_SCALE` that takes :data:`HEAD_ANCHOR` (eye height) to :data:`HEAD_POSITION`,
+sized like an aligned FFHQ crop (eyes 1/4 of the frame apart, eyes at 0.47 and mouth at 0.73
+of the frame height under EG3D's FFHQ camera): y up, the face looks toward
 +z, eyes near the frame centre, chin in the lower part of the frame, shoulders at the bottom
 edge, everything inside :data:`SCENE_BOX` and hence inside the tri-plane box [-0.5, 0.5]^3.
 Sizes are chosen so that every attribute is readable at 64x64 (one pixel is about 0.009
@@ -26,8 +28,9 @@ from . import sdf
 
 Tensor = torch.Tensor
 
-HEAD_SCALE = 1.08
-HEAD_ORIGIN = (0.0, 0.032, 0.0)
+HEAD_SCALE = 1.1
+HEAD_ANCHOR = (0.0, 0.032, 0.0)  # model-frame point (eye height) ...
+HEAD_POSITION = (0.0, 0.015, 0.0)  # ... placed here in the world frame
 # World-frame bounds of every head (min corner, max corner); nothing outside is rendered.
 SCENE_BOX = ((-0.36, -0.48, -0.34), (0.36, 0.4, 0.34))
 
@@ -238,7 +241,7 @@ def _eye_albedo(q: PartPoints) -> Tensor:
 
 
 EYES_PART = Part("eyes", (("eye_c", 3), ("eye_r", 3), ("iris", 3), ("lid", 1)),
-                 (Shape(_eyes, ((0.005, 0.0, 0.12), (0.1, 0.064, 0.18)), mirror=True),), _eye_albedo)
+                 (Shape(_eyes, ((0.005, 0.0, 0.12), (0.11, 0.064, 0.18)), mirror=True),), _eye_albedo)
 
 
 def _brows(q: PartPoints) -> Tensor:
@@ -247,7 +250,7 @@ def _brows(q: PartPoints) -> Tensor:
 
 BROWS_PART = Part("eyebrows", (("brow_in", 3), ("brow_mid", 3), ("brow_out", 3), ("brow_r", 1),
                                ("brow_rgb", 3)),
-                  (Shape(_brows, ((0.005, 0.05, 0.13), (0.11, 0.12, 0.185)), mirror=True),),
+                  (Shape(_brows, ((0.005, 0.05, 0.11), (0.12, 0.12, 0.185)), mirror=True),),
                   _parameter("brow_rgb"))
 
 
@@ -260,7 +263,7 @@ def _lips(q: PartPoints) -> Tensor:
 
 LIPS_PART = Part("lips", (("upper_mid", 3), ("lower_mid", 3), ("corner", 3), ("upper_r", 1),
                           ("lower_r", 1), ("lip_rgb", 3)),
-                 (Shape(_lips, ((-0.065, -0.16, 0.135), (0.065, -0.075, 0.19))),), _parameter("lip_rgb"))
+                 (Shape(_lips, ((-0.065, -0.16, 0.12), (0.065, -0.075, 0.19))),), _parameter("lip_rgb"))
 
 
 def _mouth(q: PartPoints) -> Tensor:
@@ -268,7 +271,7 @@ def _mouth(q: PartPoints) -> Tensor:
 
 
 MOUTH_PART = Part("mouth", (("inside_c", 3), ("inside_r", 3), ("inside_rgb", 3), ("has_mouth", 1)),
-                  (Shape(_mouth, ((-0.045, -0.15, 0.14), (0.045, -0.085, 0.18))),),
+                  (Shape(_mouth, ((-0.045, -0.15, 0.12), (0.045, -0.085, 0.18))),),
                   _parameter("inside_rgb"), flag="has_mouth")
 
 
@@ -334,7 +337,7 @@ def _beard_albedo(q: PartPoints) -> Tensor:
 
 MUSTACHE_PART = Part("mustache", (("must_mid", 3), ("must_side", 3), ("must_end", 3), ("must_r", 1),
                                   ("beard_rgb", 3), ("has_mustache", 1)),
-                     (Shape(_mustache, ((-0.07, -0.135, 0.14), (0.07, -0.06, 0.205))),),
+                     (Shape(_mustache, ((-0.07, -0.135, 0.12), (0.07, -0.06, 0.2))),),
                      _beard_albedo, flag="has_mustache")
 BEARD_PART = Part("beard", (("beard_c", 3), ("beard_r", 3), ("beard_top", 2), ("beard_back", 1),
                             ("mouth_c", 3), ("mouth_r", 3), ("beard_rgb", 3), ("has_beard", 1)),
@@ -364,11 +367,11 @@ def _lenses(q: PartPoints) -> Tensor:
 FRAME_LAYOUT = (("rim_c", 3), ("rim_size", 3), ("rim_r", 1), ("bridge_a", 3), ("bridge_b", 3),
                 ("arm_a", 3), ("arm_b", 3))
 GLASSES_PART = Part("glasses", FRAME_LAYOUT + (("has_frame", 1),), (
-    Shape(_rims, ((0.0, -0.01, 0.18), (0.115, 0.075, 0.215)), mirror=True),
+    Shape(_rims, ((0.0, -0.01, 0.18), (0.12, 0.075, 0.215)), mirror=True),
     Shape(_arms, ((0.07, 0.02, -0.015), (0.185, 0.065, 0.205)), mirror=True),
 ), _constant(FRAME), flag="has_frame")
 LENS_PART = Part("lenses", FRAME_LAYOUT + (("has_lens", 1),),
-                 (Shape(_lenses, ((0.0, -0.005, 0.185), (0.11, 0.07, 0.21)), mirror=True),),
+                 (Shape(_lenses, ((0.0, -0.005, 0.185), (0.115, 0.07, 0.21)), mirror=True),),
                  _constant(LENS), flag="has_lens")
 
 
@@ -401,8 +404,8 @@ def _torso_albedo(q: PartPoints) -> Tensor:
 
 TORSO_PART = Part("clothing", (("chest_c", 3), ("chest_r", 3), ("shoulder_a", 3), ("shoulder_b", 3),
                                ("shoulder_r", 1), ("neckline", 3), ("cloth_rgb", 3), ("torso_skin", 3)), (
-    Shape(_chest, ((-0.27, -0.64, -0.2), (0.27, -0.26, 0.13))),
-    Shape(_shoulders, ((0.0, -0.44, -0.15), (0.34, -0.24, 0.05)), mirror=True, blend=0.06),
+    Shape(_chest, ((-0.27, -0.62, -0.2), (0.27, -0.24, 0.13))),
+    Shape(_shoulders, ((0.0, -0.42, -0.15), (0.35, -0.2, 0.05)), mirror=True, blend=0.06),
 ), _torso_albedo)
 
 PARTS: tuple[Part, ...] = ((SKIN_PART, EYES_PART, BROWS_PART, LIPS_PART, MOUTH_PART) + HAIR_PARTS

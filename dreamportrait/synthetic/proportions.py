@@ -29,6 +29,12 @@ def _brow_colour(a: dict, rng: np.random.Generator) -> np.ndarray:
     return np.clip(colour, 0.0, 1.0)
 
 
+def _on(c, r, x: float, y: float, lift: float) -> tuple[float, float, float]:
+    """The point of the front of ellipsoid (c, r) at (x, y), moved ``lift`` toward +z."""
+    inside = 1.0 - ((x - c[0]) / r[0]) ** 2 - ((y - c[1]) / r[1]) ** 2
+    return (x, y, c[2] + r[2] * max(inside, 0.0) ** 0.5 + lift)
+
+
 def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     """part name -> parameter name -> values, for every part in :data:`heads.PARTS`."""
     a = identity.attributes
@@ -41,15 +47,16 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     hair_key = a["hair_color"]
     hair = _jitter(rng, heads.HAIR[hair_key]) if hair_key else np.asarray(heads.HAIR["black"])
     brow = _brow_colour(a, rng)
-    eye_x = 0.054 * fw + rng.uniform(-0.002, 0.002)
+    eye_x = 0.06 * fw + rng.uniform(-0.002, 0.002)
     eye_y = 0.032
     tip_y = -0.04
     big_nose = a["nose"] == "big"
     p: dict[str, dict] = {}
 
+    cranium_c, cranium_r = (0, 0.06, -0.015), (0.148 * fw, 0.19, 0.185)
+    jaw_c, jaw_r = (0, -0.05, 0.015), (0.122 * fw, 0.135 * fh, 0.15)
     p["skin"] = dict(
-        cranium_c=(0, 0.06, -0.015), cranium_r=(0.148 * fw, 0.19, 0.185),
-        jaw_c=(0, -0.05, 0.015), jaw_r=(0.122 * fw, 0.135 * fh, 0.15),
+        cranium_c=cranium_c, cranium_r=cranium_r, jaw_c=jaw_c, jaw_r=jaw_r,
         angle_c=((0.092 if man else 0.078) * fw, -0.105 * fh, 0.02),
         angle_r=(0.04 if man else 0.032, 0.05, 0.07),
         chin_c=(0, -0.162 * fh, 0.088), chin_r=((0.062 if broad else 0.03) * fw, 0.036, 0.045),
@@ -64,13 +71,15 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
 
     big_eye = a["eye_size"] != "small"
     er = 0.032 if big_eye else 0.022
-    p["eyes"] = dict(eye_c=(eye_x, eye_y, 0.15), eye_r=(er, 0.75 * er, 0.022),
+    p["eyes"] = dict(eye_c=_on(cranium_c, cranium_r, eye_x, eye_y, -0.004), eye_r=(er, 0.75 * er, 0.022),
                      iris=_jitter(rng, heads.IRIS[a["eye_color"] or "brown"]),
                      lid=0.45 if not man else 0.7)
 
     arch = 0.02 if a["eyebrow_shape"] == "arched" else 0.0
-    p["eyebrows"] = dict(brow_in=(0.022, 0.078, 0.168), brow_mid=(0.055, 0.08 + arch, 0.166),
-                         brow_out=(0.088, 0.07, 0.148),
+    brow_x = eye_x - 0.054
+    p["eyebrows"] = dict(brow_in=_on(cranium_c, cranium_r, brow_x + 0.028, 0.078, 0.004),
+                         brow_mid=_on(cranium_c, cranium_r, brow_x + 0.061, 0.08 + arch, 0.004),
+                         brow_out=_on(cranium_c, cranium_r, brow_x + 0.094, 0.07, 0.004),
                          brow_r=0.011 if a["eyebrow_thickness"] == "thick" else 0.0048, brow_rgb=brow)
 
     mouth = a["mouth"]
@@ -78,10 +87,11 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     gap = 0.022 if mouth == "open" else (0.008 if mouth == "smiling" else 0.0)
     lips = heads.LIPSTICK if a["lips"] == "red lipstick" else skin * np.array((0.86, 0.6, 0.6))
     full = 0.0 if man else 0.002
-    p["lips"] = dict(upper_mid=(0, -0.098, 0.172), lower_mid=(0, -0.117 - gap, 0.169),
-                     corner=(0.046 if mouth == "smiling" else 0.038, -0.107 + lift, 0.157),
+    upper = _on(jaw_c, jaw_r, 0.0, -0.098, 0.008)
+    p["lips"] = dict(upper_mid=upper, lower_mid=_on(jaw_c, jaw_r, 0.0, -0.117 - gap, 0.008),
+                     corner=_on(jaw_c, jaw_r, 0.046 if mouth == "smiling" else 0.038, -0.107 + lift, 0.0),
                      upper_r=0.009 + full, lower_r=0.011 + full, lip_rgb=lips)
-    p["mouth"] = dict(inside_c=(0, -0.109 - gap / 2, 0.16),
+    p["mouth"] = dict(inside_c=(0, -0.109 - gap / 2, upper[2] - 0.008),
                       inside_r=(0.034, 0.01 + gap * 0.5, 0.016) if mouth != "closed" else (0.02, 0.01, 0.01),
                       inside_rgb=heads.TEETH if mouth == "smiling" else heads.MOUTH_INSIDE,
                       has_mouth=float(mouth != "closed"))
@@ -105,8 +115,9 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
 
     beard = a["beard"]
     facial_hair = np.clip(hair * 0.8 if hair_key else brow, 0.0, 1.0)
-    p["mustache"] = dict(must_mid=(0, -0.081, 0.186), must_side=(0.035, -0.087, 0.176),
-                         must_end=(0.052, -0.113, 0.16), must_r=0.011, beard_rgb=facial_hair,
+    p["mustache"] = dict(must_mid=_on(jaw_c, jaw_r, 0.0, -0.081, 0.012),
+                         must_side=_on(jaw_c, jaw_r, 0.035, -0.087, 0.01),
+                         must_end=_on(jaw_c, jaw_r, 0.052, -0.113, 0.006), must_r=0.011, beard_rgb=facial_hair,
                          has_mustache=float(beard != "none"))
     p["beard"] = dict(beard_c=(0, -0.062, 0.02), beard_r=(0.122 * fw + 0.02, 0.135 * fh + 0.022, 0.17),
                       beard_top=(-0.075, 0.6), beard_back=-0.03,
@@ -114,7 +125,7 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
                       beard_rgb=facial_hair, has_beard=float(beard == "full beard"))
 
     frame = dict(rim_c=(eye_x, eye_y, 0.197), rim_size=(0.037, 0.026, 0.012), rim_r=0.0065,
-                 bridge_a=(0.0, eye_y + 0.006, 0.198), bridge_b=(0.016, eye_y + 0.006, 0.198),
+                 bridge_a=(0.0, eye_y + 0.006, 0.198), bridge_b=(eye_x - 0.04, eye_y + 0.006, 0.198),
                  arm_a=(eye_x + 0.038, eye_y + 0.006, 0.19), arm_b=(0.152 * fw, eye_y + 0.015, 0.0))
     p["glasses"] = dict(frame, has_frame=float(a["glasses"] != "none"))
     p["lenses"] = dict(frame, has_lens=float(a["glasses"] == "sunglasses"))
@@ -122,10 +133,10 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     p["earrings"] = dict(stud=(0.152 * fw, -0.045, 0.03), ball=(0.157 * fw, -0.085, 0.038), ball_r=0.017,
                          has_earrings=float(a["earrings"] == "earrings"))
 
-    p["clothing"] = dict(chest_c=(0, -0.45, -0.04), chest_r=(0.25, 0.17, 0.15),
-                         shoulder_a=(0.06, -0.325, -0.05), shoulder_b=(0.24, -0.345, -0.05),
+    p["clothing"] = dict(chest_c=(0, -0.43, -0.04), chest_r=(0.25, 0.17, 0.15),
+                         shoulder_a=(0.06, -0.3, -0.05), shoulder_b=(0.25, -0.32, -0.05),
                          shoulder_r=0.075 if man else 0.065,
-                         neckline=(0.1, 0.07, -0.28) if not man else (0.055, 0.03, -0.27),
+                         neckline=(0.1, 0.07, -0.26) if not man else (0.055, 0.03, -0.25),
                          cloth_rgb=_jitter(rng, heads.CLOTHING[a["clothing"]], 0.03), torso_skin=skin)
     return p
 

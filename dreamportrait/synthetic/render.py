@@ -27,33 +27,41 @@ import torch.nn.functional as F
 
 from dreamportrait.cameras import split_label
 
+from . import sdf
 from .attributes import Identity
-from .heads import HEAD_ORIGIN, HEAD_SCALE, PARTS, SCENE_BOX, Part, PartPoints
+from .heads import HEAD_ANCHOR, HEAD_POSITION, HEAD_SCALE, PARTS, SCENE_BOX, PartPoints
 from .proportions import background_colour, head_parameters
 
 Tensor = torch.Tensor
 
 LIGHT = (-0.35, 0.45, 0.82)  # toward the light, world frame (upper left of the frontal view)
 AMBIENT = 0.42
-MAX_STEPS = 40
-CHUNK_RAYS = 1 << 16
+MAX_STEPS = 24
+CONE_STEPS = 12
+OVER_RELAXATION = 1.5  # step factor of plain rays (with the sphere-overlap safety check)
+CHUNK_RAYS = 1 << 19  # rays traced together (whole heads: at least one head per group)
+CONE_BLOCK = 4  # the cone pass traces one cone per CONE_BLOCK x CONE_BLOCK rays
+SCENE_DEPTH = 3.2  # farthest model-space distance from a camera to the scene (cone box growth)
 FAR = 1e3  # "no surface" distance; finite so that smooth unions with it stay exact
-_TETRA = ((1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, 1.0, 1.0))
+_STEPS = ((1e-3, 0.0, 0.0), (0.0, 1e-3, 0.0), (0.0, 0.0, 1e-3))  # forward differences for normals
 
 
-def _part_boxes() -> tuple[Tensor, Tensor, Tensor]:
-    """Every shape's box (and its mirror image) as lo/hi (N, 3), and the owning part (N,)."""
+_SHAPES = [(i, shape) for i, part in enumerate(PARTS) for shape in part.shapes]
+
+
+def _shape_boxes() -> tuple[Tensor, Tensor, Tensor]:
+    """Every shape's box (and its mirror image) as lo/hi (N, 3), and the shape's index (N,)."""
     lo, hi, owner = [], [], []
-    for i, part in enumerate(PARTS):
-        for s in part.shapes:
-            (x0, y0, z0), (x1, y1, z1) = s.box
-            lo.append((x0, y0, z0)), hi.append((x1, y1, z1)), owner.append(i)
-            if s.mirror:
-                lo.append((-x1, y0, z0)), hi.append((-x0, y1, z1)), owner.append(i)
+    for k, (_, s) in enumerate(_SHAPES):
+        (x0, y0, z0), (x1, y1, z1) = s.box
+        lo.append((x0, y0, z0)), hi.append((x1, y1, z1)), owner.append(k)
+        if s.mirror:
+            lo.append((-x1, y0, z0)), hi.append((-x0, y1, z1)), owner.append(k)
     return torch.tensor(lo), torch.tensor(hi), torch.tensor(owner)
 
 
-_BOX_LO, _BOX_HI, _BOX_PART = _part_boxes()
+_BOX_LO, _BOX_HI, _BOX_SHAPE = _shape_boxes()
+_SHAPE_PART = torch.tensor([i for i, _ in _SHAPES])
 
 
 def _slab(o: Tensor, inv: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,29 +109,30 @@ class HeadBatch:
     def points(self, i: int, x: Tensor, y: Tensor, z: Tensor, b: Tensor) -> PartPoints:
         return PartPoints(x, y, z, b, self.rows[i], self.slots[i])
 
-    def candidates(self, o: Tensor, d: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Which parts each ray may meet, (P, M) bool, and its first box entry / last exit t.
+    def candidates(self, o: Tensor, d: Tensor, b: Tensor, dilate: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Which shapes each ray may meet, (S, M) bool, and its first box entry / last exit t.
 
-        A ray may meet a part when its head has the part and the ray crosses one of the
-        part's shape boxes.
+        A ray may meet a shape when its head has the shape's part and the ray crosses the
+        shape's box (grown by ``dilate``, for cones).
         """
         inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
-        t_in, t_out = _slab(o, inv, _BOX_LO, _BOX_HI)
+        t_in, t_out = _slab(o, inv, _BOX_LO - dilate, _BOX_HI + dilate)
         crosses = (t_in < t_out) & (t_out > 0)
         enabled = torch.ones(len(PARTS), o.shape[0], dtype=torch.bool)
         for i, flag in enumerate(self.flags):
             if flag is not None:
                 enabled[i] = flag[b]
-        usable = crosses & enabled[_BOX_PART].t()  # (M, boxes)
-        cand = torch.zeros_like(enabled)
-        for j, i in enumerate(_BOX_PART.tolist()):
-            cand[i] |= usable[:, j]
+        usable = crosses & enabled[_SHAPE_PART[_BOX_SHAPE]].t()  # (M, boxes)
+        cand = torch.zeros(len(_SHAPES), o.shape[0], dtype=torch.bool)
+        for j, k in enumerate(_BOX_SHAPE.tolist()):
+            cand[k] |= usable[:, j]
         first = torch.where(usable, t_in, torch.full_like(t_in, math.inf)).amin(dim=1)
         last = torch.where(usable, t_out, torch.full_like(t_out, -math.inf)).amax(dim=1)
         return cand, first.clamp_min(0.0), last
 
-    def shade(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, owner: Tensor) -> Tensor:
-        """(M, 3) lit colour of surface points whose nearest part is ``owner``."""
+    def shade(self, x: Tensor, y: Tensor, z: Tensor, b: Tensor, owner: Tensor, dist: Tensor) -> Tensor:
+        """(M, 3) lit colour of surface points: the albedo of the nearest part ``owner``
+        (whose distance there is ``dist``), lit through finite-difference normals."""
         light = torch.tensor(LIGHT) / math.sqrt(sum(v * v for v in LIGHT))
         rgb = torch.zeros(x.shape[0], 3)
         for i, part in enumerate(PARTS):
@@ -131,29 +140,22 @@ class HeadBatch:
             if not idx.numel():
                 continue
             q = self.points(i, x[idx], y[idx], z[idx], b[idx])
-            normal = _normal(part, q)
-            lambert = (normal @ light).clamp_min(0.0)
+            d0 = dist[idx]
+            normal = torch.stack([part.distance(q.moved(*step)) - d0 for step in _STEPS], dim=-1)
+            lambert = (F.normalize(normal, dim=-1) @ light).clamp_min(0.0)
             rgb[idx] = part.albedo(q) * (AMBIENT + (1.0 - AMBIENT) * lambert).unsqueeze(-1)
         return rgb
-
-
-def _normal(part: Part, q: PartPoints, h: float = 1e-3) -> Tensor:
-    """Unit normals from four tetrahedral finite differences of the part's distance."""
-    n = torch.zeros(q.x.shape[0], 3)
-    for e in _TETRA:
-        n += part.distance(q.moved(e[0] * h, e[1] * h, e[2] * h)).unsqueeze(-1) * torch.tensor(e)
-    return F.normalize(n, dim=-1)
 
 
 class _Marching:
     """The rays of a chunk still being traced, compacted only when a third of them finished.
 
-    Between compactions finished rays are carried along (their t frozen). Each part is
-    evaluated densely when most marching rays may meet it, else on the gathered subset; the
-    heads' parameters are gathered once per compaction, not once per step.
+    Between compactions finished rays are carried along (their t frozen). Each shape is
+    evaluated densely when many marching rays may meet it, else on the gathered subset of
+    those rays; the heads' parameters are gathered once per compaction, not once per step.
     """
 
-    DENSE = 0.4  # evaluate a part densely when at least this fraction of rays may meet it
+    DENSE = 0.4  # evaluate a shape densely when at least this fraction of rays may meet it
 
     def __init__(self, heads: HeadBatch, ids: Tensor, o: Tensor, d: Tensor, b: Tensor,
                  t: Tensor, end: Tensor, cand: Tensor):
@@ -162,25 +164,38 @@ class _Marching:
         self.dx, self.dy, self.dz = d[:, 0], d[:, 1], d[:, 2]
         self.b, self.t, self.end, self.cand = b, t, end, cand
         self.marching = torch.ones_like(t, dtype=torch.bool)
-        self.plans = []
+        # Over-relaxation state: distance at the previous point, length of the last step, and
+        # whether the ray still takes relaxed steps.
+        self.prev_d, self.prev_step = torch.zeros_like(t), torch.zeros_like(t)
+        self.relaxed = torch.ones_like(self.marching)
         m = t.shape[0]
-        for i, mask in enumerate(cand):
-            count = int(mask.sum())
-            if count == 0:
-                continue
-            if count >= self.DENSE * m:
-                sel = None if count == m else mask
-                self.plans.append((i, True, sel, heads.points(i, self.ox, self.oy, self.oz, b)))
-            else:
-                idx = mask.nonzero().squeeze(1)
-                self.plans.append((i, False, idx, heads.points(i, self.ox, self.oy, self.oz, b[idx])))
+        counts = cand.sum(dim=1).tolist()
+        dense_points: dict[int, PartPoints] = {}
+        self.plans = []  # (part, [(shape, mask or None, sparse indices or None, points)])
+        for i in range(len(PARTS)):
+            shapes = []
+            for k in range(len(_SHAPES)):
+                if _SHAPES[k][0] != i or counts[k] == 0:
+                    continue
+                if counts[k] >= self.DENSE * m:
+                    if i not in dense_points:
+                        dense_points[i] = heads.points(i, self.ox, self.oy, self.oz, b)
+                    mask = None if counts[k] == m else cand[k]
+                    shapes.append((_SHAPES[k][1], mask, None, dense_points[i]))
+                else:
+                    idx = cand[k].nonzero().squeeze(1)
+                    shapes.append((_SHAPES[k][1], None, idx, heads.points(i, self.ox, self.oy, self.oz, b[idx])))
+            if shapes:
+                self.plans.append((i, shapes))
 
     def compacted(self) -> "_Marching":
         keep = self.marching.nonzero().squeeze(1)
         o = torch.stack((self.ox, self.oy, self.oz), dim=1)[keep]
         d = torch.stack((self.dx, self.dy, self.dz), dim=1)[keep]
-        return _Marching(self.heads, self.ids[keep], o, d, self.b[keep], self.t[keep], self.end[keep],
+        rays = _Marching(self.heads, self.ids[keep], o, d, self.b[keep], self.t[keep], self.end[keep],
                          self.cand[:, keep])
+        rays.prev_d, rays.prev_step, rays.relaxed = self.prev_d[keep], self.prev_step[keep], self.relaxed[keep]
+        return rays
 
     def distance(self) -> tuple[Tensor, Tensor]:
         """Distance to the nearest part and its index, at the current points of all rays."""
@@ -188,51 +203,89 @@ class _Marching:
         x, y, z = self.ox + self.dx * t, self.oy + self.dy * t, self.oz + self.dz * t
         d = torch.full_like(t, FAR)
         owner = torch.zeros_like(self.b)
-        for i, dense, sel, q in self.plans:
-            if dense:
-                dp = PARTS[i].distance(q.at(x, y, z))
-                if sel is not None:
-                    dp = torch.where(sel, dp, FAR)
-                better = dp < d
-                d = torch.where(better, dp, d)
-                owner = torch.where(better, i, owner)
-            else:
-                dp = PARTS[i].distance(q.at(x[sel], y[sel], z[sel]))
-                cur = d[sel]
+        for i, shapes in self.plans:
+            if len(shapes) == 1 and shapes[0][2] is not None:  # one sparse shape: update in place
+                shape, _, idx, q = shapes[0]
+                dp = shape.distance(q.at(x[idx], y[idx], z[idx]))
+                cur = d[idx]
                 better = dp < cur
-                d[sel] = torch.where(better, dp, cur)
-                owner[sel] = torch.where(better, i, owner[sel])
+                d[idx] = torch.where(better, dp, cur)
+                owner[idx] = torch.where(better, i, owner[idx])
+                continue
+            dp = torch.full_like(t, FAR)
+            for shape, mask, idx, q in shapes:
+                if idx is None:
+                    dk = shape.distance(q.at(x, y, z))
+                    if mask is not None:
+                        dk = torch.where(mask, dk, FAR)
+                    dp = _union(dp, dk, shape.blend)
+                else:
+                    dp[idx] = _union(dp[idx], shape.distance(q.at(x[idx], y[idx], z[idx])), shape.blend)
+            better = dp < d
+            d = torch.where(better, dp, d)
+            owner = torch.where(better, i, owner)
         return d, owner
 
 
-def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, eps_per_t: float):
-    """Sphere-trace model-space rays (M, 3) of heads b: (hit (M,), t (M,), owner part (M,))."""
-    cand, t0, t1 = heads.candidates(o, d, b)
+def _union(a: Tensor, b: Tensor, blend: float) -> Tensor:
+    return sdf.smooth_union(a, b, blend) if blend > 0 else torch.minimum(a, b)
+
+
+def _bounds(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, dilate: float = 0.0):
+    """Shape candidates (S, M) and the t interval (M,) each ray has to search."""
+    cand, t0, t1 = heads.candidates(o, d, b, dilate)
     s0, s1 = _scene_interval(o, d)
-    t0, t1 = torch.maximum(t0, s0), torch.minimum(t1, s1)
-    t_hit = torch.zeros_like(t0)
+    return cand, torch.maximum(t0, s0), torch.minimum(t1, s1)
+
+
+def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, cand: Tensor, t0: Tensor, t1: Tensor,
+           eps_per_t: float, cone_per_t: float = 0.0, steps: int = MAX_STEPS):
+    """Sphere-trace model-space rays (M, 3) of heads b over [t0, t1], evaluating the shapes
+    ``cand`` (S, M) allows.
+
+    Returns (stopped on a surface (M,), t (M,), nearest part (M,), its distance (M,)).
+    With ``cone_per_t`` > 0 each ray is the axis of a cone of radius cone_per_t * t: it
+    advances by (distance - radius), which keeps the whole cone in free space, and stops
+    where a surface may touch the cone; a cone still marching after ``steps`` steps counts
+    as stopped where it is (its t is still a free-space bound). A plain ray still marching
+    then counts as a hit if it is within six tolerances of a surface.
+    """
+    t_hit, d_hit = torch.zeros_like(t0), torch.zeros_like(t0)
     hit = torch.zeros_like(t0, dtype=torch.bool)
     owner = torch.zeros_like(b)
-    start = (t0 < t1).nonzero().squeeze(1)
-    rays = _Marching(heads, start, o[start], d[start], b[start], t0[start], t1[start], cand[:, start])
-    for step in range(MAX_STEPS):
+    live = (t0 < t1).nonzero().squeeze(1)
+    rays = _Marching(heads, live, o[live], d[live], b[live], t0[live], t1[live], cand[:, live])
+    omega = OVER_RELAXATION if cone_per_t == 0 else 1.0
+    for step in range(steps):
         if not rays.ids.numel():
             break
         dist, own = rays.distance()
-        # The last step accepts a looser tolerance: grazing rays at silhouettes converge slowly.
-        tol = eps_per_t * rays.t * (1.0 if step < MAX_STEPS - 1 else 6.0)
-        done = rays.marching & (dist < tol)
+        radius = cone_per_t * rays.t
+        last = step == steps - 1
+        # A relaxed step is only safe if the spheres around its two ends overlap; where they
+        # do not, go back to a plain step from the previous point and stop relaxing.
+        revert = rays.marching & (rays.prev_step > rays.prev_d) & (dist.abs() + rays.prev_d < rays.prev_step)
+        ok = rays.marching & ~revert
+        tol = radius + eps_per_t * rays.t * (6.0 if last else 1.0)
+        done = ok & ((dist < tol) | (last and cone_per_t > 0))
         done_idx = done.nonzero().squeeze(1)
         ids = rays.ids[done_idx]
         hit[ids] = True
         t_hit[ids] = rays.t[done_idx]
+        d_hit[ids] = dist[done_idx]
         owner[ids] = own[done_idx]
         rays.marching &= ~done
-        rays.t = torch.where(rays.marching, rays.t + dist, rays.t)
+        advance = ok & rays.marching
+        step_len = torch.where(rays.relaxed, omega, 1.0) * (dist - radius)
+        back = rays.prev_d - rays.prev_step
+        rays.t = torch.where(advance, rays.t + step_len, torch.where(revert, rays.t + back, rays.t))
+        rays.prev_step = torch.where(advance, step_len, torch.where(revert, rays.prev_d, rays.prev_step))
+        rays.prev_d = torch.where(advance, dist - radius, rays.prev_d)
+        rays.relaxed &= ~revert
         rays.marching &= rays.t < rays.end
         if int(rays.marching.sum()) < 0.7 * rays.t.shape[0]:
             rays = rays.compacted()
-    return hit, t_hit, owner
+    return hit, t_hit, owner, d_hit
 
 
 def camera_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
@@ -256,12 +309,21 @@ def camera_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
 
 def _scene_interval(o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Model-space entry/exit of rays through :data:`SCENE_BOX`."""
-    origin = torch.tensor(HEAD_ORIGIN)
-    lo = (torch.tensor(SCENE_BOX[0]) - origin) / HEAD_SCALE + origin
-    hi = (torch.tensor(SCENE_BOX[1]) - origin) / HEAD_SCALE + origin
+    lo, hi = _to_model(torch.tensor(SCENE_BOX[0])), _to_model(torch.tensor(SCENE_BOX[1]))
     inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
     t_in, t_out = _slab(o, inv, lo.unsqueeze(0), hi.unsqueeze(0))
     return t_in.squeeze(1), t_out.squeeze(1)
+
+
+def _to_model(p: Tensor) -> Tensor:
+    """World-frame points -> the heads' model frame (directions are unchanged)."""
+    return (p - torch.tensor(HEAD_POSITION)) / HEAD_SCALE + torch.tensor(HEAD_ANCHOR)
+
+
+def _model_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
+    """Camera rays moved into the heads' model frame (see :data:`HEAD_SCALE`)."""
+    origins, dirs = camera_rays(labels, resolution)
+    return _to_model(origins), dirs
 
 
 def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolution: int = 64,
@@ -280,26 +342,47 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
         raise ValueError(f"resolution and supersample must be >= 1, got {resolution}, {supersample}")
     res = resolution * supersample
     n, B = res * res, heads.size
-    origins, dirs = camera_rays(labels, res)
-    head_origin = torch.tensor(HEAD_ORIGIN)
-    origins = (origins - head_origin) / HEAD_SCALE + head_origin  # into the model frame
+    block = CONE_BLOCK if res % CONE_BLOCK == 0 else 1
+    coarse = res // block
     focal = split_label(labels)[1][:, 0, 0].min().item()
     eps_per_t = 0.35 / (focal * res)  # about a third of a (supersampled) pixel footprint
+    # Angle from a block's centre ray to its outermost ray centre, with 5 % to spare.
+    cone_per_t = 1.05 * (block - 1) / 2 * math.sqrt(2.0) / (focal * res)
     rgb = heads.background.repeat_interleave(n, dim=0)
     depth = torch.zeros(B * n)
     hit = torch.zeros(B * n, dtype=torch.bool)
-    all_dirs = dirs.reshape(-1, 3)
-    all_b = torch.arange(B).repeat_interleave(n)
-    for start in range(0, B * n, CHUNK_RAYS):
-        sl = slice(start, min(start + CHUNK_RAYS, B * n))
-        b, d = all_b[sl], all_dirs[sl]
-        o = origins[b]
-        h, t, owner = _trace(heads, o, d, b, eps_per_t)
+    group = max(1, CHUNK_RAYS // n)
+    for g0 in range(0, B, group):
+        heads_g = torch.arange(g0, min(g0 + group, B))
+        lab = labels[heads_g]
+        o, d = _model_rays(lab, res)
+        b = heads_g.repeat_interleave(n)
+        o, d = o.repeat_interleave(n, 0), d.reshape(-1, 3)
+        if block > 1:
+            # Cone pass: one cone per block of rays. Its shape candidates (boxes grown by the
+            # cone radius) and its free-space t serve every ray of the block; blocks whose
+            # cone meets nothing stay background.
+            oc, dc = _model_rays(lab, coarse)
+            bc = heads_g.repeat_interleave(coarse * coarse)
+            oc, dc = oc.repeat_interleave(coarse * coarse, 0), dc.reshape(-1, 3)
+            cand, t0, t1 = _bounds(heads, oc, dc, bc, cone_per_t * SCENE_DEPTH)
+            touched, t_cone, _, _ = _trace(heads, oc, dc, bc, cand, t0, t1, eps_per_t, cone_per_t,
+                                           CONE_STEPS)
+            t_cone = torch.where(touched, t_cone, torch.full_like(t_cone, math.inf))
+            row = torch.arange(res) // block
+            block_of = (row.view(-1, 1) * coarse + row.view(1, -1)).reshape(-1)
+            block_of = (torch.arange(len(heads_g)).view(-1, 1) * coarse * coarse + block_of).reshape(-1)
+            s0, s1 = _scene_interval(o, d)
+            cand, t0, t1 = cand[:, block_of], torch.maximum(t_cone[block_of], s0), torch.minimum(t1[block_of], s1)
+        else:
+            cand, t0, t1 = _bounds(heads, o, d, b)
+        h, t, owner, d_hit = _trace(heads, o, d, b, cand, t0, t1, eps_per_t)
         idx = h.nonzero().squeeze(1)
         p = o[idx] + d[idx] * t[idx].unsqueeze(-1)
-        rgb[start + idx] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx], owner[idx])
-        depth[start + idx] = t[idx] * HEAD_SCALE
-        hit[start + idx] = True
+        out = g0 * n + idx
+        rgb[out] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx], owner[idx], d_hit[idx])
+        depth[out] = t[idx] * HEAD_SCALE
+        hit[out] = True
 
     def pool(img: Tensor, c: int) -> Tensor:
         img = img.reshape(B, res, res, c).permute(0, 3, 1, 2)

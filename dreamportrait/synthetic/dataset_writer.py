@@ -1,0 +1,148 @@
+"""Write synthetic portraits in EG3D's data set layout, deterministically for a seed.
+
+Layout (a folder, or the same entries in an uncompressed zip like EG3D's dataset_tool):
+
+- ``00000/img00000000.png`` ...: RGB images, ``views`` consecutive images per identity;
+- ``dataset.json``: ``{"labels": [[name, [25 floats]], ...]}`` (EG3D camera labels);
+- ``captions.json``: ``{name: [10 captions]}`` (all views of an identity share its captions);
+- ``attributes.json``: ``{name: {"identity", "identity_seed", "view", "yaw", "pitch",
+  "attributes"}}`` (ground truth; ``Identity.from_seed(identity_seed)`` rebuilds the head);
+- ``synthetic.json``: the generation settings and the held-out attribute combinations.
+
+``split='train'`` keeps only identities without a held-out combination, ``'heldout'`` only
+identities with one, ``'all'`` everything; train and held-out sets of one seed never share an
+identity. Use another seed for held-out identities of the training distribution.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .attributes import HELDOUT_COMBINATIONS, Identity, sample_identities
+from .cameras import sample_labels
+from .captions import make_captions
+from .render import HeadBatch, render, to_uint8
+
+FORMAT_VERSION = 1
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: identical bytes for identical content
+
+
+def image_name(index: int) -> str:
+    """EG3D dataset_tool's naming: 1000 images per folder."""
+    return f"{index // 1000:05d}/img{index:08d}.png"
+
+
+def identity_views(identity: Identity, views: int, radius_jitter: float = 0.0,
+                   pivot_jitter: float = 0.0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The ``views`` camera labels of an identity (drawn from its seed), with yaw and pitch."""
+    return sample_labels(np.random.default_rng([identity.seed, 3]), views, radius_jitter, pivot_jitter)
+
+
+def _png(image: np.ndarray, compress_level: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+class _FolderSink:
+    """Images go straight into the folder; the JSON files are written atomically, dataset.json
+    last, so a folder without dataset.json is an unfinished data set."""
+
+    def __init__(self, path: Path):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"output {path} exists and is not an empty folder; choose a new --out")
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def add(self, name: str, data: bytes) -> None:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def close(self) -> None:
+        pass
+
+
+class _ZipSink:
+    """An uncompressed zip written to a temporary file and renamed when complete."""
+
+    def __init__(self, path: Path):
+        if path.exists():
+            raise FileExistsError(f"output {path} exists; choose a new --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+
+    def add(self, name: str, data: bytes) -> None:
+        self.zip.writestr(zipfile.ZipInfo(name, date_time=_ZIP_TIME), data)
+
+    def close(self) -> None:
+        self.zip.close()
+        os.replace(self.tmp, self.path)
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=False).encode()
+
+
+def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0, views: int = 1,
+                  split: str = "train", zip_output: bool = False, batch: int = 64,
+                  radius_jitter: float = 0.0, pivot_jitter: float = 0.0, progress: bool = True) -> Path:
+    """Render ``num`` identities x ``views`` images at ``resolution`` into ``out``; returns the path.
+
+    With ``zip_output`` (or an ``out`` ending in .zip) the data set is one uncompressed zip.
+    """
+    if num < 1 or views < 1 or resolution < 1 or batch < 1:
+        raise ValueError(f"num, views, resolution and batch must be >= 1 (got {num}, {views}, "
+                         f"{resolution}, {batch})")
+    out = Path(out)
+    if zip_output and out.suffix != ".zip":
+        out = out.with_name(out.name + ".zip")
+    sink = _ZipSink(out) if out.suffix == ".zip" else _FolderSink(out)
+    identities = sample_identities(seed, num, split)
+    jobs = []  # (image index, identity index, view, label, yaw, pitch)
+    for j, ident in enumerate(identities):
+        labels, yaw, pitch = identity_views(ident, views, radius_jitter, pivot_jitter)
+        for v in range(views):
+            jobs.append((j * views + v, j, v, labels[v], float(yaw[v]), float(pitch[v])))
+    dataset, captions, attributes = [], {}, {}
+    try:
+        with tqdm(total=len(jobs), unit="img", desc=f"rendering {out.name}", disable=not progress) as bar:
+            for start in range(0, len(jobs), batch):
+                chunk = jobs[start:start + batch]
+                heads = HeadBatch([identities[job[1]] for job in chunk])
+                images = to_uint8(render(heads, torch.stack([job[3] for job in chunk]), resolution)["rgb"])
+                for (index, j, v, label, yaw, pitch), image in zip(chunk, images):
+                    name = image_name(index)
+                    sink.add(name, _png(image, 0 if isinstance(sink, _ZipSink) else 6))
+                    dataset.append([name, [float(x) for x in label]])
+                    ident = identities[j]
+                    captions[name] = make_captions(ident)
+                    attributes[name] = {"identity": j, "identity_seed": ident.seed, "view": v,
+                                        "yaw": yaw, "pitch": pitch, "attributes": ident.attributes}
+                bar.update(len(chunk))
+        settings = {"format_version": FORMAT_VERSION, "generator": "dreamportrait.synthetic",
+                    "num_identities": num, "views": views, "resolution": resolution, "seed": seed,
+                    "split": split, "radius_jitter": radius_jitter, "pivot_jitter": pivot_jitter,
+                    "heldout_combinations": [[list(p) for p in pair] for pair in HELDOUT_COMBINATIONS]}
+        sink.add("synthetic.json", _json(settings))
+        sink.add("captions.json", _json(captions))
+        sink.add("attributes.json", _json(attributes))
+        sink.add("dataset.json", _json({"labels": dataset}))
+    except BaseException:
+        if isinstance(sink, _ZipSink):
+            sink.zip.close()
+            sink.tmp.unlink(missing_ok=True)
+        raise
+    sink.close()
+    return out
