@@ -6,6 +6,10 @@ All work goes through :class:`dreamportrait.app_logic.AppBackend` (one shared pi
 process); this file turns its input errors into ``gr.Error`` pop-ups and its warnings into
 ``gr.Warning``. The same file runs as a Hugging Face Space. Nothing is fetched from the network:
 analytics are off and the model comes from disk.
+
+ZeroGPU is not supported: each visitor's cached tri-planes live in this process between requests,
+and ZeroGPU runs ``@spaces.GPU`` functions in forked workers whose memory is discarded, so a camera
+re-render could not find its planes. On Spaces use CPU or a dedicated GPU.
 """
 from __future__ import annotations
 
@@ -25,13 +29,6 @@ from dreamportrait.app_logic import (  # noqa: E402
 from dreamportrait.mesh import DEFAULT_THRESHOLD  # noqa: E402
 from dreamportrait.pipeline import MAX_SEED  # noqa: E402
 
-try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
-    import spaces
-    gpu = spaces.GPU
-except ImportError:
-    def gpu(fn):
-        return fn
-
 CSS = "#portrait img, .strip img { image-rendering: pixelated; }"
 
 
@@ -45,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)")
     ap.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
-    ap.add_argument("--concurrency", type=int, default=2, help="requests worked on at once (default 2)")
+    ap.add_argument("--concurrency", type=int, default=2,
+                    help="requests of one kind (e.g. generate) worked on at once (default 2)")
     ap.add_argument("--max-queue", type=int, default=64,
                     help="requests allowed to wait; more are refused with 'queue is full' (default 64)")
     ap.add_argument("--max-sessions", type=int, default=32,
@@ -64,40 +62,31 @@ def build_demo(backend: AppBackend, examples: list[str]) -> gr.Blocks:
         except InputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
-    @gpu
     def generate(prompt, seed, psi, yaw, pitch, request: gr.Request):
         return call(backend.generate, request.session_hash, prompt, seed, psi, yaw, pitch)
 
-    @gpu
     def render(yaw, pitch, request: gr.Request):
         return call(backend.render, request.session_hash, yaw, pitch)
 
-    @gpu
     def orbit(num_frames, request: gr.Request, progress=gr.Progress()):
         return call(backend.orbit_video, request.session_hash, num_frames, progress)
 
-    @gpu
     def mix(prompts, seed, psi, yaw, pitch):
         return call(backend.mix, prompts, seed, psi, yaw, pitch)
 
-    @gpu
     def blend(prompt_a, prompt_b, t, seed, psi, yaw, pitch):
         return call(backend.blend, prompt_a, prompt_b, t, seed, psi, yaw, pitch)
 
-    @gpu
     def interpolate(seed_a, seed_b, t, yaw, pitch, request: gr.Request):
         return call(backend.interpolate, request.session_hash, seed_a, seed_b, t, yaw, pitch)
 
-    @gpu
     def interpolation_strip(seed_a, seed_b, steps, yaw, pitch, request: gr.Request):
         return call(backend.interpolation_strip, request.session_hash, seed_a, seed_b, steps, yaw, pitch)
 
-    @gpu
     def interpolation_video(seed_a, seed_b, num_frames, yaw, pitch, request: gr.Request, progress=gr.Progress()):
         return call(backend.interpolation_video, request.session_hash, seed_a, seed_b, num_frames, yaw, pitch,
                     progress)
 
-    @gpu
     def mesh(resolution, threshold, request: gr.Request, progress=gr.Progress()):
         return call(backend.mesh, request.session_hash, resolution, threshold, progress)
 
@@ -211,13 +200,17 @@ def build_demo(backend: AppBackend, examples: list[str]) -> gr.Blocks:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for flag in ("concurrency", "max_queue", "max_sessions"):
+        if getattr(args, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
     try:
         pipeline = load_pipeline(args.checkpoint, args.device)
-    except StartupError as exc:
+        backend = AppBackend(pipeline, warn=gr.Warning, max_sessions=args.max_sessions,
+                             max_mesh_resolution=args.max_mesh_resolution)
+    except (StartupError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    backend = AppBackend(pipeline, warn=gr.Warning, max_sessions=args.max_sessions,
-                         max_mesh_resolution=args.max_mesh_resolution)
     demo = build_demo(backend, read_example_prompts())
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, css=CSS,

@@ -212,6 +212,8 @@ def main(argv=None) -> int:
                     help="density level for meshes (default: the median density of the first client's portrait)")
     ap.add_argument("--psi", type=float, default=0.7, help="truncation psi (default 0.7)")
     ap.add_argument("--timeout", type=float, default=900, help="time limit of the load test in s (default 900)")
+    ap.add_argument("--max-rss-mib", type=float, default=None,
+                    help="fail (exit 1) if the server's resident memory after the load test exceeds this")
     ap.add_argument("--server-flags", default="", help="extra app.py flags, e.g. '--concurrency 4'")
     args = ap.parse_args(argv)
 
@@ -262,9 +264,12 @@ def main(argv=None) -> int:
         print(f"| {kind} | {summary(seconds)} |")
     print(f"\nServer memory after the load test: resident {memory['VmRSS'] / 1024:.0f} MiB, "
           f"peak {memory['VmHWM'] / 1024:.0f} MiB.")
+    rss_ok = args.max_rss_mib is None or memory["VmRSS"] / 1024 <= args.max_rss_mib
+    if args.max_rss_mib is not None:
+        print(f"Bound: resident memory ≤ {args.max_rss_mib:g} MiB: **{'met' if rss_ok else 'EXCEEDED'}**.")
     for kind, _, _, error in failures[:10]:
         print(f"- failed {kind}: {error}")
-    return 0 if not failures and len(results) == total else 1
+    return 0 if not failures and len(results) == total and rss_ok else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ its page closes.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -94,7 +95,6 @@ def load_pipeline(checkpoint: str | Path | None, device: str | None = None) -> D
     if not file.is_file():
         raise StartupError(f"DreamPortrait could not load its model: {file} does not exist. To fix this, {TRAIN_HINT}.")
     try:
-        torch.device(device)
         return DreamPortraitPipeline.from_pretrained(file, device=device)
     except Exception as exc:  # any failure to build the model: report it in one paragraph, not a traceback
         reason = str(exc).rstrip(".")
@@ -275,6 +275,7 @@ class AppBackend:
     warn: called with a message for soft problems (the app passes ``gr.Warning``).
     max_sessions: sessions kept in memory (each holds one portrait's tri-planes).
     max_mesh_resolution: cap on the marching-cubes grid (points per side).
+    work_dir: where session folders (videos, meshes) go; default a temporary folder removed at exit.
     """
 
     def __init__(self, pipeline: DreamPortraitPipeline, warn: Warn | None = None, max_sessions: int = 32,
@@ -284,11 +285,13 @@ class AppBackend:
         self.max_mesh_resolution = int(max_mesh_resolution)
         if self.max_mesh_resolution < MESH_MIN_RESOLUTION:
             raise ValueError(f"max_mesh_resolution must be at least {MESH_MIN_RESOLUTION}")
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="dreamportrait-app-"))
+        if work_dir is None:
+            work_dir = tempfile.mkdtemp(prefix="dreamportrait-app-")
+            atexit.register(shutil.rmtree, work_dir, True)
+        self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.sessions = SessionStore(max_sessions, self.work_dir)
         self.resolution = int(pipeline.info.get("resolution") or pipeline.G.config.img_resolution)
-        self.scale = display_scale(self.resolution)
 
     # Helpers --------------------------------------------------------------------------------
     def _encode_checked(self, prompt) -> str:
@@ -324,8 +327,9 @@ class AppBackend:
     def _caption(self, views: dict[str, torch.Tensor], what: str) -> str:
         h = views["image"].shape[-1]
         nr = views["image_raw"].shape[-1]
-        return (f"{what} · true resolution **{h}×{h}** px, shown ×{display_scale(h)} with nearest-neighbour "
-                f"enlargement · raw neural render {nr}×{nr}")
+        scale = display_scale(h)
+        shown = f"shown ×{scale} with nearest-neighbour enlargement" if scale > 1 else "shown at true size"
+        return f"{what} · true resolution **{h}×{h}** px, {shown} · raw neural render {nr}×{nr}"
 
     def _views(self, portrait: Portrait, yaw: float, pitch: float, started: float, work: str):
         """(image, depth, raw, caption) of ``portrait`` at the camera; the caption says how long ``work`` took."""

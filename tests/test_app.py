@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dreamportrait.app_logic import (
-    MAX_MIX_PROMPTS, AppBackend, InputError, SessionStore, StartupError, describe_model, enlarge,
+    MAX_MIX_PROMPTS, AppBackend, InputError, SessionStore, StartupError, describe_model, display_scale, enlarge,
     find_default_checkpoint, load_pipeline, read_example_prompts,
 )
 from dreamportrait.grid import to_uint8
@@ -149,6 +149,24 @@ def test_session_store_evicts_least_recent_and_frees_on_close(backend):
         backend.render("s3", 0, 0)
     with pytest.raises(ValueError, match="at least 1"):
         SessionStore(0, backend.work_dir)
+
+
+def test_session_store_stays_bounded_under_concurrent_visitors(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    store = SessionStore(4, tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: store.get(f"visitor-{i % 50}"), range(2000)))
+    assert len(store) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(store.get(f"visitor-{i}").folder.name
+                                                                 for i in range(50) if f"visitor-{i}" in store)
+
+
+@pytest.mark.parametrize("size, scale", [(64, 8), (100, 6), (128, 4), (512, 1), (1024, 1)])
+def test_display_enlargement_reaches_512_pixels_with_whole_factors(size, scale):
+    assert display_scale(size) == scale
+    image = np.arange(size * size * 3, dtype=np.uint8).reshape(size, size, 3)
+    big = enlarge(image, scale)
+    assert big.shape == (size * scale, size * scale, 3) and np.array_equal(big[::scale, ::scale], image)
 
 
 # Bad input ---------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Protects what only a browser shows: the page loads offline (no request leaves loopback), it names
 the model, the Generate button and the yaw slider's live re-render are wired to the right
 components, and the image shown after the slider moved differs from the one before. Screenshots
-go to the test's tmp folder (and to $DREAMPORTRAIT_SCREENSHOTS if set).
+go to the test's tmp folder, or to $DREAMPORTRAIT_SCREENSHOTS if set. The page runs the tiny test
+model unless $DREAMPORTRAIT_BROWSER_CHECKPOINT names another (e.g. checkpoints/default, to take
+the README's screenshot: page.png).
 
 Chromium is driven over its DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
 ending in NUL on file descriptors 3 and 4), so no extra Python package is needed. Without
@@ -26,7 +28,10 @@ import pytest
 from PIL import Image
 
 from test_app import PROMPT, tiny_checkpoint
-from dreamportrait.app_logic import app_process
+from dreamportrait.app_logic import app_process, model_name
+from dreamportrait.checkpoints import read_model_metadata
+from dreamportrait.generator import GeneratorConfig
+from dreamportrait.pipeline import GENERATOR_FILE
 
 STEP_TIMEOUT = 90  # seconds for any one wait in the page
 
@@ -181,14 +186,18 @@ def test_type_generate_and_turn_the_head(tmp_path):
     executable = chromium_path()
     shots = Path(os.environ.get("DREAMPORTRAIT_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    with app_process(tiny_checkpoint(), tmp_path / "app.log") as (url, _):
+    checkpoint = Path(os.environ.get("DREAMPORTRAIT_BROWSER_CHECKPOINT") or tiny_checkpoint())
+    model_file = checkpoint / GENERATOR_FILE if checkpoint.is_dir() else checkpoint
+    resolution = GeneratorConfig.from_dict(read_model_metadata(model_file).config["generator"]).img_resolution
+    with app_process(checkpoint, tmp_path / "app.log") as (url, _):
         browser = Browser(executable, tmp_path / "profile")
         try:
             browser.send("Page.navigate", session=True, url=url)
             browser.wait_for("!!document.querySelector('#generate') && !!document.querySelector('#yaw input[type=range]')",
                              "the page to load")
             info = browser.evaluate("document.querySelector('#model-info').innerText")
-            assert "tiny-test" in info and "kimg" in info and "64×64" in info
+            assert model_name({"file": str(model_file)}) in info and "kimg" in info
+            assert f"{resolution}×{resolution}" in info
 
             browser.type_into("#prompt textarea", PROMPT)
             browser.type_into("#seed textarea, #seed input", "7")

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 256^2 tri-planes: synthesis then clearly outweighs a re-render (32^2 rays), so "faster" is measurable
 # through the HTTP round trip; the output stays 64 px.
 PLANES = 256
+MAX_QUEUE = 2  # small, so that the queue-full test can fill it
 ENDPOINTS = {"/generate", "/random_seed", "/render", "/orbit_video", "/mix", "/blend", "/interpolate",
              "/interpolation_strip", "/interpolation_video", "/mesh"}
 
@@ -33,7 +34,8 @@ ENDPOINTS = {"/generate", "/random_seed", "/render", "/orbit_video", "/mix", "/b
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
-    with app_process(tiny_checkpoint(PLANES), log, "--max-mesh-resolution", "48") as (url, _):
+    flags = ("--max-mesh-resolution", "48", "--concurrency", "1", "--max-queue", str(MAX_QUEUE))
+    with app_process(tiny_checkpoint(PLANES), log, *flags) as (url, _):
         yield url
 
 
@@ -129,6 +131,33 @@ def test_input_errors_reach_the_client(client):
     # The slider's own bound (the cap) is checked by Gradio before the handler runs.
     with pytest.raises(AppError, match="64 is greater than maximum value 48"):
         client.predict(64, 1.0, api_name="/mesh")
+
+
+def test_full_queue_refuses_with_a_message_and_the_server_keeps_serving(server, pipeline, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from gradio_client import Client
+
+    clients = [Client(server, verbose=False, download_files=str(tmp_path / str(i)), analytics_enabled=False)
+               for i in range(MAX_QUEUE + 3)]  # one runs, MAX_QUEUE wait, the rest must be refused
+    for i, c in enumerate(clients):  # one at a time: each session needs a portrait to orbit
+        c.predict(PROMPT, str(i), 0.7, 0, 0, api_name="/generate")
+
+    frames = 40  # long enough for every submission to arrive while the first is still running
+
+    def orbit(c):
+        try:
+            return frame_count(c.submit(frames, api_name="/orbit_video").result(timeout=300))
+        except Exception as exc:  # the refusal arrives as a client exception carrying Gradio's message
+            return str(exc)
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        answers = list(pool.map(orbit, clients))
+    refused = [a for a in answers if isinstance(a, str)]
+    assert refused and all("Queue is full" in a for a in refused), answers
+    assert answers.count(frames) == len(clients) - len(refused) >= 1 + MAX_QUEUE
+    c = Client(server, verbose=False, download_files=str(tmp_path / "after"), analytics_enabled=False)
+    image = c.predict(PROMPT, "3", 0.7, 0, 0, api_name="/generate")[0]
+    np.testing.assert_array_equal(pixels(image), shown(pipeline, PROMPT, 3))
 
 
 def test_missing_checkpoint_at_startup_is_one_paragraph(tmp_path):

@@ -71,12 +71,15 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
+def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating-point buffers across ranks (e.g. the mapping's running w_avg: since its
+    update is linear, the average of per-rank updates is the update with the global batch)."""
     if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t) / info.world_size
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b.data)
+            b.data /= info.world_size
 
 
 def cleanup(info: DistInfo) -> None:

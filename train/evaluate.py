@@ -156,8 +156,9 @@ def inception_extractor(device) -> Extractor:
     if not file.is_file():
         raise FileNotFoundError(f"Inception-v3 weights not found at {file}; nothing is downloaded here: copy "
                                 "the torchvision file there, or use --fid-features judge")
-    net = Inception3(num_classes=1000, aux_logits=True, transform_input=False, init_weights=False)
-    net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+        net = Inception3(num_classes=1000, aux_logits=True, transform_input=False, init_weights=False)
+    net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), assign=True)
     net.fc, net.AuxLogits, net.aux_logits = torch.nn.Identity(), None, False
     net = net.to(device).eval()
 
@@ -177,7 +178,8 @@ def fid_extractor(choice: str, judge, device) -> tuple[Extractor, str]:
     if choice == "inception" or (choice == "auto" and inception_weights_file().is_file()):
         return inception_extractor(device), f"inception-v3 (torchvision ImageNet weights, {inception_weights_file()})"
     if judge is None:
-        raise LookupError(f"no feature extractor: Inception-v3 weights are not at {inception_weights_file()} "
+        raise LookupError("--fid-features judge needs a --judge" if choice == "judge" else
+                          f"no feature extractor: Inception-v3 weights are not at {inception_weights_file()} "
                           "and no --judge was given")
     return torch.no_grad()(judge.features), f"judge features ({judge.config.feature_dim}-d)"
 
@@ -234,7 +236,8 @@ def load_clip(spec: str, device="cpu") -> Clip:
         name, pretrained = spec.split(":", 1)
     else:
         raise ValueError(f"--clip {spec!r} names no weights; use NAME:TAG (e.g. ViT-H-14:laion2b_s32b_b79k), "
-                         "NAME:/path/to/weights or a local CLIP folder")
+                         "NAME:/path/to/weights (the open_clip model name, then a weights file) or a local "
+                         "CLIP folder")
     try:
         model = open_clip.create_model(name, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(name)
@@ -247,17 +250,40 @@ def load_clip(spec: str, device="cpu") -> Clip:
 
 @dataclass
 class EvalItems:
-    """The N evaluated data set items: real images, captions, cameras and mentioned attributes."""
-    images: torch.Tensor            # (N, 3, R, R) uint8
-    labels: torch.Tensor            # (N, 25)
-    captions: list[str]
-    mentioned: list[dict] | None    # per caption: the attributes it states (None: unknown)
-    caption_pool: list[str]         # every evaluation caption of the data set (distractors)
+    """The N evaluated items of a data set: indices, cameras, fixed captions, mentioned attributes."""
+    dataset: object                 # train.data.PortraitDataset in evaluation mode
+    indices: list[int]
+    labels: torch.Tensor            # (N, 25) camera labels
+    captions: list[str]             # each item's fixed evaluation caption
+    mentioned: list[dict] | None    # ground truth of the attributes each caption states (None: unknown)
+    caption_pool: list[str]         # every evaluation caption of the data set (R-Precision distractors)
+
+
+def mentioned_attributes(caption: str, truth: Mapping[str, str | None]) -> dict[str, str]:
+    """Ground-truth values of the attributes ``caption`` mentions (found by the world's caption parser)."""
+    from dreamportrait.synthetic.captions import parse_caption
+    return {name: truth[name] for name in parse_caption(caption) if truth.get(name) is not None}
 
 
 def load_items(data: str, num: int, seed: int) -> EvalItems:
-    """N items drawn without replacement from the data set (seeded)."""
-    raise NotImplementedError
+    """N items drawn without replacement (seeded) from an EG3D-layout data set with captions."""
+    from train.data import PortraitDataset
+    ds = PortraitDataset(data, train=False)
+    if not 2 <= num <= len(ds):
+        raise ValueError(f"--num {num}: the data set {data} has {len(ds)} images; use 2 <= --num <= {len(ds)}")
+    indices = [int(i) for i in np.random.default_rng([seed, 0]).choice(len(ds), size=num, replace=False)]
+    captions = [ds.caption(i) for i in indices]
+    mentioned = None
+    if ds.attributes is not None:
+        mentioned = []
+        for caption, i in zip(captions, indices):
+            truth = ds.attributes[ds.names[i]].get("attributes")
+            if not isinstance(truth, dict):
+                raise ValueError(f"{data}: the attributes entry of {ds.names[i]} has no 'attributes' dict "
+                                 "(the synthetic world's layout: python -m dreamportrait.synthetic)")
+            mentioned.append(mentioned_attributes(caption, truth))
+    return EvalItems(ds, indices, ds.labels[indices], captions, mentioned,
+                     [ds.caption(i) for i in range(len(ds))])
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -268,66 +294,69 @@ def _z(seed: int, z_dim: int, device) -> torch.Tensor:
 
 
 def _quantise(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] -> uint8, exactly as EG3D saves and scores its images."""
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu()
+    """Round generator output to the uint8 grid (as EG3D saves and scores it), back in [-1, 1]."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1
 
 
 @torch.no_grad()
-def generate(pipe, items: EvalItems, seeds: Sequence[int], psi: float, fid: bool, views: bool,
-             progress: bool = True) -> dict[str, torch.Tensor]:
-    """Generated uint8 images: 'fid' (N, 3, R, R) from the items' cameras, and one entry per view of VIEWS."""
-    from tqdm.auto import tqdm
-    G = pipe.G
-    out: dict[str, list] = {name: [] for name in (["fid"] if fid else []) + (list(VIEWS) if views else [])}
-    for i in tqdm(range(len(seeds)), desc="generating", disable=not progress):
-        prompt, seed = items.captions[i], int(seeds[i])
-        if fid:
-            c = items.labels[i:i + 1].to(pipe.device)
-            ws = G.mapping(_z(seed, G.config.z_dim, pipe.device), c, truncation_psi=psi)
-            portrait = pipe.portrait(prompt, seed, psi, ws=ws)
-            out["fid"].append(_quantise(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"]))
-        if views:
-            portrait = pipe.portrait(prompt, seed, psi)
-            for name, yaw in VIEWS.items():
-                out[name].append(_quantise(pipe.render(portrait, yaw, 0.0)["image"]))
-    return {name: torch.cat(images) for name, images in out.items()}
+def generate_item(pipe, prompt: str, seed: int, label: torch.Tensor, psi: float, fid: bool,
+                  views: bool) -> dict[str, torch.Tensor]:
+    """One item's images (1, 3, R, R): 'fid' (mapping conditioned on and rendered from ``label``,
+    EG3D's metric protocol) and, with ``views``, each view of VIEWS of the app's frontal-conditioned
+    portrait."""
+    G, out = pipe.G, {}
+    if fid:
+        c = label.reshape(1, -1).to(pipe.device)
+        ws = G.mapping(_z(seed, G.config.z_dim, pipe.device), c, truncation_psi=psi)
+        portrait = pipe.portrait(prompt, seed, psi, ws=ws)
+        out["fid"] = _quantise(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"])
+    if views:
+        portrait = pipe.portrait(prompt, seed, psi)
+        for name, yaw in VIEWS.items():
+            out[name] = _quantise(pipe.render(portrait, yaw, 0.0)["image"])
+    return out
 
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Apply ``fn`` to uint8 images (N, 3, R, R), given to it in [-1, 1], in batches."""
-    return torch.cat([fn(_signed(images[i:i + batch])).float().cpu() for i in range(0, len(images), batch)])
-
-
-def _signed(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float() / 127.5 - 1
-
-
-def _judge_readings(judge, images: torch.Tensor, batch: int = 32) -> list[dict[str, str]]:
-    """The judge's attribute values for uint8 images (N, 3, R, R)."""
-    return [row for i in range(0, len(images), batch)
-            for row in judge.decode(judge.predict(_signed(images[i:i + batch])))]
+def _chunks(n: int, size: int):
+    return (range(i, min(i + size, n)) for i in range(0, n, size))
 
 
 # ---- the evaluation --------------------------------------------------------------------------------
 
-def evaluate(checkpoint: str, data: str, judge: str | None = None, clip: str | Clip | None = None,
-             num: int = 1000, seed: int = 0, psi: float = 1.0, distractors: int = DEFAULT_DISTRACTORS,
-             fid_features: str = "auto", device="cpu", progress: bool = True) -> dict:
-    """Every metric for one checkpoint (skipped ones with their reason) as a JSON-ready dict."""
+def evaluate(checkpoint: str, data: str, judge: str | None = None,
+             clip: str | Clip | torch.nn.Module | None = None, num: int = 1000, seed: int = 0,
+             psi: float = 1.0, distractors: int = DEFAULT_DISTRACTORS, fid_features: str = "auto",
+             device="cpu", batch: int = 16, progress: bool = True) -> dict:
+    """Every metric for one checkpoint (skipped ones with their reason) as a JSON-ready dict.
+
+    ``clip`` is a :func:`load_clip` spec, a :class:`Clip` or an open_clip model object.
+
+    Images are consumed batch by batch (features, embeddings, judge readings), so memory does not
+    grow with ``num``.
+    """
+    from tqdm.auto import tqdm
+
     from dreamportrait.pipeline import DreamPortraitPipeline
     from train.judge import AttributeClassifier
 
+    items = load_items(data, num, seed)
     pipe = DreamPortraitPipeline.from_pretrained(checkpoint, device=device)
     judge_model = AttributeClassifier.from_pretrained(judge, device=device) if judge else None
+    if isinstance(clip, torch.nn.Module):
+        clip = Clip(clip)
     clip_model = clip if isinstance(clip, Clip) or clip is None else load_clip(clip, device)
-    items = load_items(data, num, seed)
-    seeds = np.random.default_rng([seed, 1]).integers(0, 2 ** 31 - 1, size=len(items.captions))
+    seeds = np.random.default_rng([seed, 1]).integers(0, 2 ** 31 - 1, size=num)
     metrics: dict[str, dict] = {}
 
-    try:
-        extractor, extractor_name = fid_extractor(fid_features, judge_model, device)
-    except LookupError as why:
-        extractor, metrics["fid"] = None, {"skipped": str(why)}
+    extractor = None
+    if items.dataset.resolution != pipe.G.config.img_resolution:
+        res, gres = items.dataset.resolution, pipe.G.config.img_resolution
+        metrics["fid"] = {"skipped": f"the data set's images are {res}x{res} but the generator's are {gres}x{gres}"}
+    else:
+        try:
+            extractor, extractor_name = fid_extractor(fid_features, judge_model, device)
+        except LookupError as why:
+            metrics["fid"] = {"skipped": str(why)}
     reasons = {}
     if not pipe.text_conditioned:
         reasons["clip"] = reasons["judge"] = "the generator is not text-conditioned"
@@ -336,53 +365,65 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None, clip: str | C
     if judge_model is None:
         reasons.setdefault("judge", "no --judge given")
     elif items.mentioned is None:
-        reasons["judge"] = "the data set does not say which attributes its captions mention"
-    views = not ("clip" in reasons and "judge" in reasons)
-    fake = generate(pipe, items, seeds, psi, fid=extractor is not None, views=views, progress=progress)
+        reasons["judge"] = "the data set has no attributes file (not from the synthetic world)"
+    use_clip, use_judge = "clip" not in reasons, "judge" not in reasons
+
+    real_features, fake_features = [], []
+    embeddings = {v: [] for v in VIEWS}
+    readings = {v: [] for v in VIEWS}
+    for chunk in tqdm(list(_chunks(num, batch)), desc="evaluating", unit="batch", disable=not progress):
+        outs = [generate_item(pipe, items.captions[i], int(seeds[i]), items.labels[i], psi,
+                              fid=extractor is not None, views=use_clip or use_judge) for i in chunk]
+        images = {name: torch.cat([o[name] for o in outs]) for name in outs[0]}
+        if extractor is not None:
+            reals = torch.stack([items.dataset[items.indices[i]]["image"] for i in chunk])
+            real_features.append(extractor(reals).float().cpu())
+            fake_features.append(extractor(images["fid"]).float().cpu())
+        for v in VIEWS:
+            if use_clip:
+                embeddings[v].append(clip_model.images(images[v]).cpu())
+            if use_judge:
+                readings[v] += judge_model.decode(judge_model.predict(images[v]))
 
     if extractor is not None:
-        real_stats = feature_statistics(_batched(extractor, items.images))
-        fake_stats = feature_statistics(_batched(extractor, fake["fid"]))
-        metrics["fid"] = {"value": frechet_distance(*real_stats, *fake_stats), "feature_extractor": extractor_name,
-                          "num_real": len(items.images), "num_generated": len(fake["fid"])}
-
-    if "clip" in reasons:
+        real, fake = torch.cat(real_features), torch.cat(fake_features)
+        metrics["fid"] = {"value": frechet_distance(*feature_statistics(real), *feature_statistics(fake)),
+                          "feature_extractor": extractor_name, "num_real": len(real), "num_generated": len(fake)}
+    if use_clip:
+        metrics.update(_clip_metrics(clip_model, items, {v: torch.cat(e) for v, e in embeddings.items()},
+                                     distractors, seed))
+    else:
         metrics["clip_r_precision"] = metrics["msc"] = {"skipped": reasons["clip"]}
-    else:
-        metrics.update(_clip_metrics(clip_model, items, fake, distractors, seed))
-
-    if "judge" in reasons:
-        metrics["attribute_accuracy"] = {"skipped": reasons["judge"]}
-    else:
-        predicted = [row for name in VIEWS for row in _judge_readings(judge_model, fake[name])]
-        acc = attribute_accuracy(predicted, items.mentioned * len(VIEWS))
+    if use_judge:
+        acc = attribute_accuracy([r for v in VIEWS for r in readings[v]], items.mentioned * len(VIEWS))
         metrics["attribute_accuracy"] = {
             "value": 100 * acc["mean"], "unit": "percent", "views": list(VIEWS),
             "per_attribute": {k: 100 * v for k, v in acc["per_attribute"].items()}, "counts": acc["counts"]}
+    else:
+        metrics["attribute_accuracy"] = {"skipped": reasons["judge"]}
 
-    return {"checkpoint": str(checkpoint), "data": str(data), "num": len(items.captions), "seed": seed,
-            "truncation_psi": psi, "metrics": metrics}
+    return {"checkpoint": str(checkpoint), "data": str(data), "judge": judge,
+            "clip": None if clip_model is None else clip_model.name, "num": num, "seed": seed,
+            "truncation_psi": psi, "device": str(device), "metrics": metrics}
 
 
-def _clip_metrics(clip: Clip, items: EvalItems, fake: dict, distractors: int, seed: int) -> dict:
-    """CLIP R-Precision on the frontal views and MSC over all views."""
-    captions = items.captions
-    sets = distractor_sets(captions, items.caption_pool, distractors, np.random.default_rng([seed, 2]))
+def _clip_metrics(clip: Clip, items: EvalItems, image_embeddings: dict[str, torch.Tensor], distractors: int,
+                  seed: int) -> dict:
+    """CLIP R-Precision on the frontal views and MSC over all views, from unit image embeddings."""
+    sets = distractor_sets(items.captions, items.caption_pool, distractors, np.random.default_rng([seed, 2]))
     texts = sorted({t for s in sets for t in s})
     index = {t: i for i, t in enumerate(texts)}
     text_emb = torch.cat([clip.texts(texts[i:i + 256]).cpu() for i in range(0, len(texts), 256)])
-    frontal = _batched(clip.images, fake["frontal"])
-    if len(sets[0]) < 2:
+    k = min(len(s) for s in sets)
+    if k < 2:
         rp = {"skipped": "the data set has no other evaluation caption to serve as a distractor"}
     else:
-        k = min(len(s) for s in sets)
-        cand = torch.tensor([[index[t] for t in s[:k]] for s in sets])
-        sim = torch.einsum("nd,nkd->nk", frontal, text_emb[cand])
+        candidates = torch.tensor([[index[t] for t in s[:k]] for s in sets])
+        sim = torch.einsum("nd,nkd->nk", image_embeddings["frontal"], text_emb[candidates])
         rp = {"value": 100 * r_precision(sim, torch.zeros(len(sets), dtype=torch.long)), "unit": "percent",
               "distractors": k - 1, "view": "frontal", "clip": clip.name}
-    own = text_emb[[index[c] for c in captions]]
-    per_view = {name: float(clip_score(frontal if name == "frontal" else _batched(clip.images, fake[name]), own).mean())
-                for name in VIEWS}
+    own = text_emb[[index[c] for c in items.captions]]
+    per_view = {v: float(clip_score(e, own).mean()) for v, e in image_embeddings.items()}
     msc = {"value": sum(per_view.values()) / len(per_view), "per_view": per_view, "clip": clip.name}
     return {"clip_r_precision": rp, "msc": msc}
 
@@ -432,7 +473,7 @@ def write_json(results: dict, path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="generator.safetensors (or its folder)")
-    p.add_argument("--data", required=True, help="EG3D-format data set folder with captions")
+    p.add_argument("--data", required=True, help="EG3D-layout data set (folder or .zip) with captions.json")
     p.add_argument("--judge", help="attribute classifier .safetensors (attribute accuracy; FID features "
                                    "when Inception weights are absent)")
     p.add_argument("--clip", help="CLIP for R-Precision and MSC: a local open_clip folder, NAME:TAG or NAME:FILE")
@@ -444,12 +485,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--fid-features", choices=FEATURE_CHOICES, default="auto",
                    help="auto: Inception-v3 if its weights are cached, else the judge")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=16, help="items generated and scored together (default 16)")
     p.add_argument("--out", default="results.json", help="JSON output (default results.json)")
     args = p.parse_args(argv)
     if args.num < 2:
         p.error("--num must be at least 2 (FID needs a covariance)")
     results = evaluate(args.checkpoint, args.data, args.judge, args.clip, args.num, args.seed, args.psi,
-                       args.distractors, args.fid_features, args.device)
+                       args.distractors, args.fid_features, args.device, args.batch)
     print(format_table(results))
     write_json(results, args.out)
     print(f"\nwrote {args.out}")

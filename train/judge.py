@@ -83,12 +83,12 @@ class AttributeClassifier(nn.Module):
         side = cfg.resolution // 2 ** len(cfg.channels)
         # Flatten rather than pool: where something is (mouth, earrings, beard) matters.
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(c_in * side * side, cfg.feature_dim), nn.SiLU())
-        self.heads = nn.ModuleDict({name: nn.Linear(cfg.feature_dim, len(values))
-                                    for name, values in cfg.vocabulary.items()})
-
-    @property
-    def attributes(self) -> list[str]:
-        return list(self.config.vocabulary)
+        # All heads in one linear layer; its outputs are laid out as (attribute, value) on a grid
+        # padded with -inf, so the loss and argmax of every attribute are single tensor ops.
+        self.sizes = [len(values) for values in cfg.vocabulary.values()]
+        self.heads = nn.Linear(cfg.feature_dim, sum(self.sizes))
+        valid = torch.arange(max(self.sizes))[None, :] < torch.tensor(self.sizes)[:, None]
+        self.register_buffer("valid", valid, persistent=False)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Check the batch and resize it to the judge's resolution (antialiased bilinear)."""
@@ -106,14 +106,22 @@ class AttributeClassifier(nn.Module):
         """Penultimate features (B, feature_dim): what the heads read, and FID's features here."""
         return self.embed(self.trunk(self.prepare(images)))
 
+    def grid_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, attributes, max values), -inf where an attribute has fewer values."""
+        flat = self.heads(self.features(images))
+        grid = flat.new_full((flat.shape[0], *self.valid.shape), float("-inf"))
+        grid[:, self.valid] = flat
+        return grid
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.features(images)
-        return {name: head(feats) for name, head in self.heads.items()}
+        """Logits per attribute: name -> (B, number of values)."""
+        logits = self.heads(self.features(images)).split(self.sizes, dim=1)
+        return dict(zip(self.config.vocabulary, logits))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Most likely value index (B,) per attribute."""
-        return {name: logits.argmax(dim=1) for name, logits in self(images).items()}
+        return dict(zip(self.config.vocabulary, self.grid_logits(images).argmax(dim=2).unbind(dim=1)))
 
     def decode(self, indices: Mapping[str, torch.Tensor]) -> list[dict[str, str]]:
         """Value names per image from :meth:`predict`'s indices."""
@@ -141,15 +149,14 @@ class AttributeClassifier(nn.Module):
 
     def loss(self, images: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Sum over attributes of the cross-entropy, averaged over the images where it is visible."""
-        missing = sorted(set(self.heads) - set(targets))
+        missing = sorted(set(self.config.vocabulary) - set(targets))
         if missing:
             raise ValueError(f"targets lack attributes {missing}; build them with encode_targets()")
-        total = 0.0
-        for name, logits in self(images).items():
-            target = targets[name].to(logits.device)
-            visible = (target != IGNORE).sum().clamp(min=1)
-            total = total + F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / visible
-        return total
+        grid = self.grid_logits(images)
+        target = torch.stack([targets[name] for name in self.config.vocabulary], dim=1).to(grid.device)
+        ce = F.cross_entropy(grid.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # (B, A)
+        visible = (target != IGNORE).sum(dim=0).clamp(min=1)
+        return (ce.sum(dim=0) / visible).sum()
 
     # ---- files ------------------------------------------------------------------------
 
@@ -169,8 +176,16 @@ class AttributeClassifier(nn.Module):
         try:
             model = cls(JudgeConfig(**file.config))
         except TypeError as exc:
-            raise CheckpointError(f"judge {path} has an unknown config ({exc}); update DreamPortrait or retrain") from exc
-        model.load_state_dict(file.tensors)
+            raise CheckpointError(f"judge {path} has an unknown config ({exc}); "
+                                  "update DreamPortrait or retrain the judge") from exc
+        try:
+            missing, unexpected = model.load_state_dict(file.tensors, strict=False)
+            problem = missing and f"missing {missing[:3]}" or unexpected and f"unexpected {unexpected[:3]}"
+        except RuntimeError as exc:  # a tensor of the wrong shape
+            problem = str(exc).strip().splitlines()[-1].strip()
+        if problem:
+            raise CheckpointError(f"judge {path} does not fit this DreamPortrait's judge architecture "
+                                  f"({problem}); retrain it")
         return model.to(device).eval()
 
 

@@ -21,7 +21,8 @@ import torch
 
 from train import setup
 from train.config import TrainConfig
-from train.distributed import DistInfo, average_gradients, broadcast_module, cleanup, init_distributed
+from train.distributed import (DistInfo, average_buffers, average_gradients, broadcast_module, cleanup,
+                               init_distributed)
 from train.gan_loss import GANLoss
 
 STATE_FILE = "training-state.pt"
@@ -106,6 +107,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
     if resume and not state_path.exists():
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {run_dir}; start without --resume")
     # Everything that can fail on bad input is checked before any training work starts.
+    torch.manual_seed(cfg.seed)  # same initialisation of new modules on every rank and every run
     built = setup.build(cfg, stage, info.device)
     data, G, D, text_encoder, sds = built.data, built.G, built.D, built.text_encoder, built.sds
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -179,6 +181,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                     torch.nan_to_num_(p.grad, nan=0, posinf=1e5, neginf=-1e5)
             average_gradients(params, info)
             opt.step()
+        average_buffers(G, info)
         update_ema(G_ema, G, ema_beta(cfg, cur_nimg))
         cur_nimg += cfg.batch
         step += 1

@@ -70,15 +70,11 @@ class CachedData:
     """A captioned EG3D-format data set held in memory as uint8 (small data sets, fast steps)."""
 
     def __init__(self, path: str, seed: int):
-        import json
-        import numpy as np
-        from PIL import Image
-        root = Path(path)
-        labels = json.loads((root / "dataset.json").read_text())["labels"]
-        caps = json.loads((root / "captions.json").read_text())
-        self.images = torch.stack([torch.from_numpy(np.array(Image.open(root / f))).permute(2, 0, 1) for f, _ in labels])
-        self.labels = torch.tensor([l for _, l in labels], dtype=torch.float32)
-        self.captions = [caps[f] for f, _ in labels]
+        from train.data import PortraitDataset
+        ds = PortraitDataset(path, train=True, seed=seed)
+        self.images = torch.stack([((ds[i]["image"] + 1) * 127.5).round().to(torch.uint8) for i in range(len(ds))])
+        self.labels = ds.labels.clone()
+        self.captions = ds.captions
         self.rng = torch.Generator().manual_seed(seed + 17)
 
     def __len__(self) -> int:
@@ -150,7 +146,6 @@ def build(cfg: TrainConfig, stage: str, device: torch.device) -> Built:
     if not cfg.data or not Path(cfg.data).exists():
         raise FileNotFoundError(f"data set {cfg.data!r} not found; create one with `python -m dreamportrait.synthetic "
                                 "--out DIR ...` or `python -m train.prepare ...`, then pass data=DIR")
-    init_dir = _stage_init_dir(cfg, stage)
     teacher_folder = None
     if stage == "stage2":
         from train.teacher import resolve_teacher_folder, check_teacher_folder
@@ -158,6 +153,7 @@ def build(cfg: TrainConfig, stage: str, device: torch.device) -> Built:
             raise ValueError("stage2 needs a diffusion teacher: set teacher=FOLDER (a Stable-Diffusion-style folder)")
         teacher_folder = resolve_teacher_folder(cfg.teacher)
         check_teacher_folder(teacher_folder)
+    init_dir = _stage_init_dir(cfg, stage)
     text_encoder = build_text_encoder(cfg).to(device) if stage != "prior" else None
     if init_dir is not None:
         meta = read_model_metadata(init_dir / GENERATOR_FILE)

@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="train: no held-out attribute combination (default); heldout: only those; all")
     parser.add_argument("--zip", action="store_true", help="write an uncompressed zip like EG3D's dataset_tool")
     parser.add_argument("--batch", type=int, default=64, help="images rendered together (default 64)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="render in this many single-threaded processes (0: in this process, default)")
     parser.add_argument("--radius-jitter", type=float, default=0.0, help="relative std of the camera radius")
     parser.add_argument("--pivot-jitter", type=float, default=0.0, help="std of the look-at pivot coordinates")
     args = parser.parse_args(argv)
     path = write_dataset(args.out, args.num, args.res, args.seed, args.views, args.split, args.zip,
-                         args.batch, args.radius_jitter, args.pivot_jitter)
+                         args.batch, args.radius_jitter, args.pivot_jitter, workers=args.workers)
     print(f"wrote {args.num * args.views} images of {args.num} identities to {path}")
 
 

@@ -3,7 +3,7 @@
 An identity is a seed plus a dict of discrete attributes. Every value is drawn from that seed
 alone, so any identity can be rebuilt (and re-rendered from any camera) from its seed. An
 attribute that cannot be seen is ``None``: hair colour when bald, eye size and colour behind
-sunglasses. Values such as ``"none"`` (no beard, no glasses) are true attributes that captions
+sunglasses, the chin under a full beard. Values such as ``"none"`` (no beard, no glasses) are true attributes that captions
 never mention.
 """
 from __future__ import annotations
@@ -100,6 +100,8 @@ def sample_attributes(rng: np.random.Generator) -> dict:
         a["hair_color"] = None
     if a["glasses"] == "sunglasses":
         a["eye_size"] = a["eye_color"] = None
+    if a["beard"] == "full beard":
+        a["chin"] = None
     return a
 
 

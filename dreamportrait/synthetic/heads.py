@@ -204,7 +204,7 @@ def _skin_albedo(q: PartPoints) -> Tensor:
     corners = _gauss(_segment_distance_2d(ax, y, (0.052, -0.13), (0.056, -0.168)), 0.003) * front
     extra = torch.maximum(torch.maximum(bags, corners), feet)
     lines = torch.maximum(torch.maximum(forehead, fold), old * extra)
-    strength = (level > 0.5).float() * torch.where(level > 1.5, 0.62, 0.45)
+    strength = (level > 0.5).float() * torch.where(level > 1.5, 0.7, 0.45)
     return colour * (1.0 - (strength * lines).unsqueeze(-1))
 
 
@@ -215,7 +215,7 @@ SKIN_PART = Part("skin", (
     ("neck_a", 3), ("neck_b", 3), ("neck_r", 1), ("skin", 3), ("blush", 1), ("wrinkles", 1),
 ), (
     Shape(_skull, ((-0.18, -0.21, -0.21), (0.18, 0.26, 0.18))),
-    Shape(_jaw_angles, ((0.0, -0.22, -0.1), (0.2, 0.0, 0.15)), mirror=True, blend=0.04),
+    Shape(_jaw_angles, ((0.0, -0.22, -0.11), (0.2, 0.005, 0.15)), mirror=True, blend=0.04),
     Shape(_chin, ((-0.11, -0.25, 0.0), (0.11, -0.065, 0.18)), blend=0.03),
     Shape(_cheeks, ((0.0, -0.13, -0.02), (0.19, 0.07, 0.19)), mirror=True, blend=0.03),
     Shape(_nose, ((-0.075, -0.1, 0.11), (0.075, 0.08, 0.29)), blend=0.018),
@@ -405,7 +405,7 @@ def _torso_albedo(q: PartPoints) -> Tensor:
 TORSO_PART = Part("clothing", (("chest_c", 3), ("chest_r", 3), ("shoulder_a", 3), ("shoulder_b", 3),
                                ("shoulder_r", 1), ("neckline", 3), ("cloth_rgb", 3), ("torso_skin", 3)), (
     Shape(_chest, ((-0.27, -0.62, -0.2), (0.27, -0.24, 0.13))),
-    Shape(_shoulders, ((0.0, -0.42, -0.15), (0.35, -0.2, 0.05)), mirror=True, blend=0.06),
+    Shape(_shoulders, ((0.0, -0.48, -0.21), (0.41, -0.14, 0.11)), mirror=True, blend=0.06),
 ), _torso_albedo)
 
 PARTS: tuple[Part, ...] = ((SKIN_PART, EYES_PART, BROWS_PART, LIPS_PART, MOUTH_PART) + HAIR_PARTS

@@ -11,7 +11,8 @@ import numpy as np
 from . import heads
 from .attributes import Identity
 
-FACE_SHAPE = {"round": (1.08, 0.95, 1.25), "oval": (1.0, 1.0, 1.0), "narrow": (0.9, 1.05, 0.8)}
+# face shape -> (face width, face height, cheek size) factors
+FACE_SHAPE = {"round": (1.12, 0.94, 1.3), "oval": (1.0, 1.0, 1.0), "narrow": (0.87, 1.06, 0.8)}
 
 
 def _jitter(rng: np.random.Generator, colour, amount: float = 0.04) -> np.ndarray:
@@ -42,7 +43,7 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     man = a["gender"] == "man"
     fw, fh, cheek = FACE_SHAPE[a["face_shape"]]
     fw *= rng.uniform(0.97, 1.03)
-    broad = a["chin"] == "broad"
+    broad = a["chin"] != "pointed"
     skin = _jitter(rng, heads.SKIN[a["skin_tone"]])
     hair_key = a["hair_color"]
     hair = _jitter(rng, heads.HAIR[hair_key]) if hair_key else np.asarray(heads.HAIR["black"])

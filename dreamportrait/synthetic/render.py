@@ -2,16 +2,19 @@
 
 Rays come from EG3D 25-d camera labels exactly as EG3D's RaySampler builds them (OpenCV
 camera, pixel centres (i + 0.5) / res, normalised intrinsics), so renders agree pixel for
-pixel with the generator's cameras. All rays of a batch of heads are traced together:
+pixel with the generator's cameras. Rays of a whole group of heads are traced together:
 
-- each ray is tested once against every shape's bounding box; a shape is evaluated only on
-  rays that enter its box (and whose head has the part), rays start at the first box they
-  enter and rays that enter none are background without a single SDF evaluation;
-- each step evaluates only the rays still marching, and records which part is nearest, so
-  materials need no second pass;
-- normals come from four tetrahedral finite differences of the hit part only;
-- shading is ambient + diffuse from one fixed world-space light; 2x2 supersampling
-  anti-aliases edges.
+- a cone pass traces one cone per 4x4 block of (supersampled) rays: each cone is tested once
+  against every shape's bounding box (grown by the cone radius) and marches while the whole
+  cone is free space. Its shape list and free-space distance start every ray of its block;
+  blocks whose cone meets nothing are background without a single ray traced;
+- a ray evaluates only the shapes its cone may meet and whose part its head has; a shape is
+  evaluated densely when many marching rays may meet it, else on the gathered subset;
+- rays take over-relaxed steps (factor 1.5, undone where the two spheres do not overlap);
+  finished rays are compacted away only when a third of them are done, and each step records
+  the nearest part, so materials need no second pass;
+- normals come from forward finite differences of the hit part only; shading is ambient +
+  diffuse from one fixed world-space light; 2x2 supersampling anti-aliases.
 
 Output: RGB in [0, 1], depth (world distance along the ray, EG3D's convention; 0 where
 nothing is hit) and a soft foreground mask (hit fraction).
@@ -41,7 +44,6 @@ CONE_STEPS = 12
 OVER_RELAXATION = 1.5  # step factor of plain rays (with the sphere-overlap safety check)
 CHUNK_RAYS = 1 << 19  # rays traced together (whole heads: at least one head per group)
 CONE_BLOCK = 4  # the cone pass traces one cone per CONE_BLOCK x CONE_BLOCK rays
-SCENE_DEPTH = 3.2  # farthest model-space distance from a camera to the scene (cone box growth)
 FAR = 1e3  # "no surface" distance; finite so that smooth unions with it stay exact
 _STEPS = ((1e-3, 0.0, 0.0), (0.0, 1e-3, 0.0), (0.0, 0.0, 1e-3))  # forward differences for normals
 
@@ -231,10 +233,11 @@ def _union(a: Tensor, b: Tensor, blend: float) -> Tensor:
     return sdf.smooth_union(a, b, blend) if blend > 0 else torch.minimum(a, b)
 
 
-def _bounds(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, dilate: float = 0.0):
-    """Shape candidates (S, M) and the t interval (M,) each ray has to search."""
-    cand, t0, t1 = heads.candidates(o, d, b, dilate)
+def _bounds(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, cone_per_t: float = 0.0):
+    """Shape candidates (S, M) and the t interval (M,) each ray (or cone) has to search."""
     s0, s1 = _scene_interval(o, d)
+    dilate = cone_per_t * float(s1.max()) if cone_per_t > 0 else 0.0  # widest cone inside the scene
+    cand, t0, t1 = heads.candidates(o, d, b, dilate)
     return cand, torch.maximum(t0, s0), torch.minimum(t1, s1)
 
 
@@ -365,7 +368,7 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
             oc, dc = _model_rays(lab, coarse)
             bc = heads_g.repeat_interleave(coarse * coarse)
             oc, dc = oc.repeat_interleave(coarse * coarse, 0), dc.reshape(-1, 3)
-            cand, t0, t1 = _bounds(heads, oc, dc, bc, cone_per_t * SCENE_DEPTH)
+            cand, t0, t1 = _bounds(heads, oc, dc, bc, cone_per_t)
             touched, t_cone, _, _ = _trace(heads, oc, dc, bc, cand, t0, t1, eps_per_t, cone_per_t,
                                            CONE_STEPS)
             t_cone = torch.where(touched, t_cone, torch.full_like(t_cone, math.inf))

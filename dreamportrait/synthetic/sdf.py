@@ -55,6 +55,7 @@ def round_rect_2d(u: Tensor, v: Tensor, half_w, half_h, corner) -> Tensor:
 
 
 def smooth_union(a: Tensor, b: Tensor, k: float) -> Tensor:
-    """Polynomial smooth minimum with blend radius ``k``."""
-    h = (0.5 + 0.5 * (b - a) / k).clamp(0.0, 1.0)
-    return b + (a - b) * h - k * h * (1.0 - h)
+    """Polynomial smooth minimum with blend radius ``k``: exactly min(a, b) where |a - b| >= k
+    (so a far-away or absent shape, at distance FAR, leaves the other untouched)."""
+    h = (k - (a - b).abs()).clamp_min(0.0) / k
+    return torch.minimum(a, b) - 0.25 * k * h * h
