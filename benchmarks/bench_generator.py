@@ -12,30 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import timed
 from dreamportrait.cameras import camera_label
 from dreamportrait.generator import TriPlaneGenerator, preset
 from dreamportrait.renderer import sample_rays
-
-
-def timed(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench(name: str, device: str, repeats: int, half: bool = False) -> dict:

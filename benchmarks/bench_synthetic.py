@@ -60,13 +60,20 @@ def main() -> None:
                                                      batch=n, progress=False), args.repeats)
         rows.append(("write_dataset (PNG + captions)", threads, n / wall * 60, n / cpu * 60))
     torch.set_num_threads(default_threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        counter = iter(range(10 ** 6))
+        big = 4 * n  # several batches, so that both workers stay busy past their start-up
+        wall, _ = _timed(lambda: write_dataset(os.path.join(tmp, str(next(counter))), big, 64, seed=0,
+                                               batch=n, progress=False, workers=2), args.repeats)
+    rows.append(("write_dataset, 2 worker processes", "2 x 1", big / wall * 60, None))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
           f"64x64, 2x2 supersampling, batch {n}, median of {args.repeats}")
     print(f"| {'what':34} | threads | images/min (wall clock) | images per CPU-minute |")
     print(f"|{'-' * 36}|---------|-------------------------|-----------------------|")
     for what, threads, per_min, per_cpu_min in rows:
-        print(f"| {what:34} | {threads:>7} | {per_min:23.0f} | {per_cpu_min:21.0f} |")
+        cpu = "-" if per_cpu_min is None else f"{per_cpu_min:.0f}"  # workers' CPU is not this process's
+        print(f"| {what:34} | {threads:>7} | {per_min:23.0f} | {cpu:>21} |")
 
 
 if __name__ == "__main__":

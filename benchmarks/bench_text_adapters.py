@@ -1,7 +1,7 @@
 """Timings of the text-conditioning modules (median over repeats), CPU or CUDA.
 
-    python benchmarks/bench_text_adapters.py                    # CPU: tiny widths + paper widths
-    python benchmarks/bench_text_adapters.py --device cuda --batch 4
+    python -m benchmarks.bench_text_adapters                    # CPU: tiny widths + paper widths
+    python -m benchmarks.bench_text_adapters --device cuda --batch 4
 
 One 3D-aware gated cross-attention adapter per row (77 word tokens, gate open), forward alone
 and forward + backward, at the backbone widths of the ``tiny`` generator preset (text width 64)
@@ -12,31 +12,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import timed
 from dreamportrait.generator import preset
 from dreamportrait.text_conditioning import GatedCrossAttention3D, SemanticsMapping
 
 CONTEXT = 77
-
-
-def timed(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_adapter(res: int, channels: int, text_dim: int, batch: int, device: str, repeats: int) -> dict:

@@ -37,16 +37,15 @@ SCALE = 8  # the tiny model's 64 px output is enlarged x8 to 512 px for display
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_checkpoint(triplane_resolution: int = 64) -> Path:
-    """A tiny text-conditioned generator folder, built once per test process and removed at exit.
-
-    Larger tri-planes make synthesis (not rendering) slower, for timing comparisons."""
+def tiny_checkpoint(**overrides) -> Path:
+    """A tiny text-conditioned generator folder (``preset("tiny", **overrides)``), built once per test
+    process and removed at exit."""
     root = Path(tempfile.mkdtemp(prefix="dreamportrait-tiny-"))
     atexit.register(shutil.rmtree, root, True)
     encoder = TextEncoder.from_config(ENCODER_CONFIG, seed=0)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        G = DreamPortraitGenerator(preset("tiny", triplane_resolution=triplane_resolution),
+        G = DreamPortraitGenerator(preset("tiny", **overrides),
                                    TextConditionConfig(text_dim=encoder.width, adapter_count=2))
         for name, param in G.named_parameters():
             if name.endswith(".gamma"):

@@ -5,13 +5,14 @@ the model, the Generate button and the yaw slider's live re-render are wired to 
 components, and the image shown after the slider moved differs from the one before. Screenshots
 go to the test's tmp folder, or to $DREAMPORTRAIT_SCREENSHOTS if set. The page runs the tiny test
 model unless $DREAMPORTRAIT_BROWSER_CHECKPOINT names another (e.g. checkpoints/default, to take
-the README's screenshot: page.png).
+the README's screenshot: page.png); by default it shares the end-to-end tests' server.
 
 Chromium is driven over its DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
 ending in NUL on file descriptors 3 and 4), so no extra Python package is needed. Without
 Debian's `chromium` the test skips, saying how to install it, unless DREAMPORTRAIT_REQUIRE_BROWSER=1.
 """
 import base64
+import contextlib
 import fcntl
 import io
 import itertools
@@ -27,7 +28,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_app import PROMPT, tiny_checkpoint
+from test_app import PROMPT
+from test_app_e2e import WIDE, shared_server, tiny_checkpoint
 from dreamportrait.app_logic import app_process, model_name
 from dreamportrait.checkpoints import read_model_metadata
 from dreamportrait.generator import GeneratorConfig
@@ -186,10 +188,12 @@ def test_type_generate_and_turn_the_head(tmp_path):
     executable = chromium_path()
     shots = Path(os.environ.get("DREAMPORTRAIT_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    checkpoint = Path(os.environ.get("DREAMPORTRAIT_BROWSER_CHECKPOINT") or tiny_checkpoint())
+    other = os.environ.get("DREAMPORTRAIT_BROWSER_CHECKPOINT")
+    checkpoint = Path(other) if other else tiny_checkpoint(**WIDE)
     model_file = checkpoint / GENERATOR_FILE if checkpoint.is_dir() else checkpoint
     resolution = GeneratorConfig.from_dict(read_model_metadata(model_file).config["generator"]).img_resolution
-    with app_process(checkpoint, tmp_path / "app.log") as (url, _):
+    with app_process(checkpoint, tmp_path / "app.log") if other else contextlib.nullcontext((shared_server(), None)) \
+            as (url, _):
         browser = Browser(executable, tmp_path / "profile")
         try:
             browser.send("Page.navigate", session=True, url=url)

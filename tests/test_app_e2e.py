@@ -4,12 +4,17 @@ Protects: the real server wiring of every api_name (generate, render, orbit_vide
 interpolate, interpolation_strip, interpolation_video, mesh, random_seed), that a camera-only
 re-render comes from cached planes (faster than a fresh generation, pixel-equal to one at that
 camera), that results are correct for each client's own session, that input errors reach the
-client as messages, and that a missing checkpoint at start-up is one paragraph, not a traceback.
-One server per module; loopback only; every wait is bounded.
+client as messages, that a full queue refuses with Gradio's message while the server keeps
+serving, and that a missing checkpoint at start-up is one paragraph, not a traceback. One server
+per test process (shared with the browser test); loopback only; every wait is bounded.
 """
+import atexit
+import contextlib
+import functools
+import importlib.util
 import os
-import subprocess
-import sys
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,25 +28,36 @@ from dreamportrait.mesh import load_mesh
 from dreamportrait.pipeline import MAX_SEED, DreamPortraitPipeline
 
 REPO = Path(__file__).resolve().parents[1]
-# 256^2 tri-planes: synthesis then clearly outweighs a re-render (32^2 rays), so "faster" is measurable
-# through the HTTP round trip; the output stays 64 px.
-PLANES = 256
+# A wider synthesis network (256 channels at every block): synthesis then clearly outweighs a re-render
+# (32^2 rays, unchanged), so "faster" is measurable through the HTTP round trip; output stays 64 px.
+WIDE = dict(channel_base=16384, channel_max=256)
 MAX_QUEUE = 2  # small, so that the queue-full test can fill it
 ENDPOINTS = {"/generate", "/random_seed", "/render", "/orbit_video", "/mix", "/blend", "/interpolate",
              "/interpolation_strip", "/interpolation_video", "/mesh"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("app") / "app.log"
+_SERVERS = contextlib.ExitStack()
+
+
+@functools.lru_cache(maxsize=None)
+def shared_server() -> str:
+    """One app.py per test process (this module and the browser test share it), stopped at exit."""
+    folder = tempfile.mkdtemp(prefix="dreamportrait-app-log-")
+    atexit.register(shutil.rmtree, folder, True)
     flags = ("--max-mesh-resolution", "48", "--concurrency", "1", "--max-queue", str(MAX_QUEUE))
-    with app_process(tiny_checkpoint(PLANES), log, *flags) as (url, _):
-        yield url
+    url, _ = _SERVERS.enter_context(app_process(tiny_checkpoint(**WIDE), Path(folder) / "app.log", *flags))
+    atexit.register(_SERVERS.close)
+    return url
+
+
+@pytest.fixture(scope="module")
+def server():
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    return DreamPortraitPipeline.from_pretrained(tiny_checkpoint(PLANES))
+    return DreamPortraitPipeline.from_pretrained(tiny_checkpoint(**WIDE))
 
 
 @pytest.fixture()
@@ -142,7 +158,7 @@ def test_full_queue_refuses_with_a_message_and_the_server_keeps_serving(server, 
     for i, c in enumerate(clients):  # one at a time: each session needs a portrait to orbit
         c.predict(PROMPT, str(i), 0.7, 0, 0, api_name="/generate")
 
-    frames = 40  # long enough for every submission to arrive while the first is still running
+    frames = 24  # long enough for every submission to arrive while the first is still running
 
     def orbit(c):
         try:
@@ -160,12 +176,13 @@ def test_full_queue_refuses_with_a_message_and_the_server_keeps_serving(server, 
     np.testing.assert_array_equal(pixels(image), shown(pipeline, PROMPT, 3))
 
 
-def test_missing_checkpoint_at_startup_is_one_paragraph(tmp_path):
+def test_missing_checkpoint_at_startup_is_one_paragraph(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("dreamportrait_app", REPO / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
     missing = tmp_path / "no-model"
-    proc = subprocess.run([sys.executable, "app.py", "--checkpoint", str(missing), "--port", str(free_port())],
-                          cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and str(missing / "generator.safetensors") in lines[0]
-    assert "python -m train" in lines[0] and "--checkpoint" in lines[0]
+    assert app.main(["--checkpoint", str(missing), "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(missing / "generator.safetensors") in lines[0], err
+    assert "python -m train" in lines[0] and "--checkpoint" in lines[0] and "Traceback" not in err

@@ -154,3 +154,20 @@ def save_teacher_folder(components: dict, folder: str | os.PathLike) -> Path:
 def write_tiny_teacher_folder(folder: str | os.PathLike, config: TinyTeacherConfig = TinyTeacherConfig()) -> Path:
     """Build the tiny teacher and save it as a Stable-Diffusion-style pipeline folder."""
     return save_teacher_folder(build_tiny_components(config), folder)
+
+
+def main(argv=None) -> int:
+    """``python -m train.tiny_teacher --out DIR [--image-size 32]``: write a randomly initialised tiny teacher."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m train.tiny_teacher", description=main.__doc__)
+    ap.add_argument("--out", required=True, help="folder to create (must not exist)")
+    ap.add_argument("--image-size", type=int, default=TinyTeacherConfig.image_size, help="teacher image size")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    args = ap.parse_args(argv)
+    folder = write_tiny_teacher_folder(args.out, TinyTeacherConfig(image_size=args.image_size, seed=args.seed))
+    print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -39,7 +39,7 @@ Tensor = torch.Tensor
 
 LIGHT = (-0.35, 0.45, 0.82)  # toward the light, world frame (upper left of the frontal view)
 AMBIENT = 0.42
-MAX_STEPS = 24
+MAX_STEPS = 20
 CONE_STEPS = 12
 OVER_RELAXATION = 1.5  # step factor of plain rays (with the sphere-overlap safety check)
 CHUNK_RAYS = 1 << 19  # rays traced together (whole heads: at least one head per group)
