@@ -176,5 +176,6 @@ def test_chained_stages_write_checkpoints_the_pipeline_loads(world, tmp_path):
     assert "loss/sds" in read_log(runs / "stage2")[0]
     pipe = DreamPortraitPipeline.from_pretrained(out.generator_file)
     assert pipe.info["stage"] == "stage2" and pipe.text_conditioned
+    assert pipe.info["kimg_total"] == pytest.approx(0.012)  # 4 images in each of the three stages
     _, img = pipe.generate("A young woman with long red hair.", seed=1)
     assert img["image"].shape == (1, 3, 64, 64) and torch.isfinite(img["image"]).all()

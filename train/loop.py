@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                 "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
                 "opt_G": opt_G.state_dict() if opt_G else {}, "opt_D": opt_D.state_dict() if opt_D else {},
                 "sampler": sampler.state_dict(), "rng": rngs})
-            setup.export(run_dir, G_ema, D, text_encoder, cfg, stage, cur_nimg)
+            setup.export(run_dir, G_ema, D, text_encoder, cfg, stage, cur_nimg, built.init_kimg_total)
 
     next_snapshot = (cur_nimg // int(cfg.snapshot_every_kimg * 1000) + 1) * int(cfg.snapshot_every_kimg * 1000)
     while cur_nimg < total_nimg:

@@ -33,6 +33,7 @@ class Built:
     D: DualDiscriminator
     text_encoder: TextEncoder | None
     sds: object | None
+    init_kimg_total: float = 0.0     # images the starting checkpoint had seen over all its stages
 
 
 # Data --------------------------------------------------------------------------------------
@@ -154,9 +155,11 @@ def build(cfg: TrainConfig, stage: str, device: torch.device) -> Built:
         teacher_folder = resolve_teacher_folder(cfg.teacher)
         check_teacher_folder(teacher_folder)
     init_dir = _stage_init_dir(cfg, stage)
+    init_kimg_total = 0.0
     text_encoder = build_text_encoder(cfg).to(device) if stage != "prior" else None
     if init_dir is not None:
         meta = read_model_metadata(init_dir / GENERATOR_FILE)
+        init_kimg_total = float(meta.extra.get("kimg_total", meta.extra.get("kimg", 0.0)))
         if meta.kind == DreamPortraitGenerator.KIND:
             G = DreamPortraitGenerator.from_pretrained(init_dir / GENERATOR_FILE)
             if text_encoder is not None and G.text_config.text_dim != text_encoder.width:
@@ -191,7 +194,7 @@ def build(cfg: TrainConfig, stage: str, device: torch.device) -> Built:
         from train.distribution_sds import DistributionSDS
         from train.teacher import DiffusionTeacher
         sds = DistributionSDS(DiffusionTeacher.from_pretrained(teacher_folder, device=device), cfg.sds)
-    return Built(data, G.to(device).train(), D.to(device).train(), text_encoder, sds)
+    return Built(data, G.to(device).train(), D.to(device).train(), text_encoder, sds, init_kimg_total)
 
 
 # Steps ---------------------------------------------------------------------------------------
@@ -222,9 +225,12 @@ def gather_rng(state: dict, info) -> list:
 
 # Export and logging --------------------------------------------------------------------------
 
-def export(run_dir: Path, G_ema, D, text_encoder, cfg: TrainConfig, stage: str, cur_nimg: int) -> None:
-    """Write the generator (EMA) and discriminator the next stage, the app and evaluation load."""
-    extra = {"stage": stage, "kimg": cur_nimg / 1000, "train_preset": cfg.preset, "data": cfg.data}
+def export(run_dir: Path, G_ema, D, text_encoder, cfg: TrainConfig, stage: str, cur_nimg: int,
+           init_kimg_total: float) -> None:
+    """Write the generator (EMA) and discriminator the next stage, the app and evaluation load.
+    ``kimg`` counts this stage's images, ``kimg_total`` all stages' since initialisation."""
+    extra = {"stage": stage, "kimg": cur_nimg / 1000, "kimg_total": init_kimg_total + cur_nimg / 1000,
+             "train_preset": cfg.preset, "data": cfg.data}
     if text_encoder is not None:
         extra["text_encoder"] = text_encoder.describe()
     G_ema.save_pretrained(run_dir / GENERATOR_FILE, extra=extra)
