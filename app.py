@@ -21,6 +21,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 from dreamportrait.app_logic import (  # noqa: E402
     MAX_MIX_PROMPTS, MESH_MIN_RESOLUTION, PITCH_LIMIT, STRIP_STEPS, VIDEO_FRAMES, YAW_LIMIT, AppBackend,
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for all)")
     ap.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads per request (default: torch's choice, one per core)")
     ap.add_argument("--concurrency", type=int, default=2,
                     help="requests of one kind (e.g. generate) worked on at once (default 2)")
     ap.add_argument("--max-queue", type=int, default=64,
@@ -200,10 +203,12 @@ def build_demo(backend: AppBackend, examples: list[str]) -> gr.Blocks:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for flag in ("concurrency", "max_queue", "max_sessions"):
-        if getattr(args, flag) < 1:
+    for flag in ("threads", "concurrency", "max_queue", "max_sessions"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
             return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         pipeline = load_pipeline(args.checkpoint, args.device)
         backend = AppBackend(pipeline, warn=gr.Warning, max_sessions=args.max_sessions,

@@ -11,15 +11,15 @@ Starts ``python app.py`` on a free loopback port and drives it with gradio_clien
   cached planes in this process, in frames/s.
 * load: ``--clients`` concurrent clients x ``--per-client`` mixed requests (generate, re-render,
   mix, mesh at a ``--mesh-resolution`` grid), each client with its own seeds; every answer is
-  checked against the pipeline run locally (identical pixels for images, identical vertex count
-  for meshes), so a cross-session mix-up of cached planes counts as a failure. The whole load
+  checked against the pipeline run locally (the same picture up to float summation order, the
+  same vertex count within 0.5% for meshes), so a cross-session mix-up of cached planes counts
+  as a failure. The whole load
   test is bounded by ``--timeout``; requests not done by then count as failed. Reports the
   server's resident memory (VmRSS) and peak (VmHWM) afterwards.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import statistics
@@ -34,19 +34,25 @@ import torch
 from PIL import Image
 
 from dreamportrait.app_logic import (
-    DISPLAY_MIN_SIZE, app_process, describe_model, display_scale, enlarge, find_default_checkpoint, load_pipeline,
-    offline_env, read_example_prompts,
+    DISPLAY_MIN_SIZE, app_process, describe_model, display_scale, find_default_checkpoint, load_pipeline, offline_env,
+    read_example_prompts,
 )
 from dreamportrait.grid import make_grid, to_uint8
 from dreamportrait.mesh import density_grid, extract_mesh, load_mesh
 
 
-def digest(image: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+def true_pixels(path, scale: int) -> np.ndarray:
+    """A displayed (enlarged) image file back at its true resolution."""
+    return np.asarray(Image.open(path).convert("RGB"))[::scale, ::scale]
 
 
-def file_digest(path) -> str:
-    return digest(np.asarray(Image.open(path).convert("RGB")))
+def same_picture(got: np.ndarray, want: np.ndarray) -> bool:
+    """Equal up to float summation order: two processes may split CPU reductions differently, which
+    moves a few pixels by a level or two; another session's seed changes most pixels by far more."""
+    if got.shape != want.shape:
+        return False
+    diff = np.abs(got.astype(int) - want)
+    return diff.max() <= 2 and (diff > 0).mean() < 0.01
 
 
 def summary(times: list[float]) -> str:
@@ -55,22 +61,17 @@ def summary(times: list[float]) -> str:
 
 
 class Reference:
-    """What the server must answer, computed with the same pipeline in this process."""
+    """What the server must answer, computed with the same pipeline in this process (true resolution)."""
 
     def __init__(self, pipeline, prompts: list[str], psi: float):
         self.pipeline, self.prompts, self.psi = pipeline, prompts, psi
+        self.scale = display_scale(int(pipeline.info["resolution"]), DISPLAY_MIN_SIZE)
 
-    def shown(self, images: torch.Tensor) -> np.ndarray:
-        image = to_uint8(images[0])
-        return enlarge(image, display_scale(image.shape[0], DISPLAY_MIN_SIZE))
+    def view(self, prompt: str, seed: int, yaw: float) -> np.ndarray:
+        return to_uint8(self.pipeline.generate(prompt, seed, self.psi, yaw, 0.0)[1]["image"][0])
 
-    def view(self, prompt: str, seed: int, yaw: float) -> str:
-        return digest(self.shown(self.pipeline.generate(prompt, seed, self.psi, yaw, 0.0)[1]["image"]))
-
-    def strip(self, prompts: list[str], seed: int) -> str:
-        images = self.pipeline.mix(prompts, seed, self.psi)
-        strip = make_grid(torch.cat(images), ncol=len(images))
-        return digest(enlarge(strip, display_scale(images[0].shape[-1], DISPLAY_MIN_SIZE)))
+    def strip(self, prompts: list[str], seed: int) -> np.ndarray:
+        return make_grid(torch.cat(self.pipeline.mix(prompts, seed, self.psi)), ncol=len(prompts))
 
     def mesh_vertices(self, prompt: str, seed: int, resolution: int, threshold: float) -> int:
         planes = self.pipeline.portrait(prompt, seed, self.psi).planes
@@ -161,15 +162,17 @@ def run_client(url: str, ops: list[tuple], answers: list, ref: Reference, mesh_r
         try:
             kind = op[0]
             if kind == "generate":
-                got = file_digest(client.predict(op[1], str(op[2]), ref.psi, 0, 0, api_name="/generate")[0])
+                got = true_pixels(client.predict(op[1], str(op[2]), ref.psi, 0, 0, api_name="/generate")[0], ref.scale)
             elif kind == "render":
-                got = file_digest(client.predict(op[3], 0, api_name="/render")[0])
+                got = true_pixels(client.predict(op[3], 0, api_name="/render")[0], ref.scale)
             elif kind == "mix":
-                got = file_digest(client.predict("\n".join(op[1]), str(op[2]), ref.psi, 0, 0, api_name="/mix")[0])
+                got = true_pixels(client.predict("\n".join(op[1]), str(op[2]), ref.psi, 0, 0, api_name="/mix")[0],
+                                  ref.scale)
             else:
                 glb, _, _ = client.predict(mesh_resolution, threshold, api_name="/mesh")
                 got = len(load_mesh(glb).vertices)
-            ok = got == want
+            # meshes: the vertex count may move by a few where a density value sits on the threshold
+            ok = abs(got - want) <= max(2, want // 200) if kind == "mesh" else same_picture(got, want)
             results.append((kind, time.perf_counter() - t0, ok, None if ok else "wrong answer (another session's?)"))
         except Exception as exc:  # count every failure, keep going
             results.append((op[0], time.perf_counter() - t0, False, f"{type(exc).__name__}: {exc}"))

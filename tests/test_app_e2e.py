@@ -44,7 +44,7 @@ def shared_server() -> str:
     """One app.py per test process (this module and the browser test share it), stopped at exit."""
     folder = tempfile.mkdtemp(prefix="dreamportrait-app-log-")
     atexit.register(shutil.rmtree, folder, True)
-    flags = ("--max-mesh-resolution", "48", "--concurrency", "1", "--max-queue", str(MAX_QUEUE))
+    flags = ("--max-mesh-resolution", "48", "--concurrency", "1", "--max-queue", str(MAX_QUEUE), "--threads", "1")
     url, _ = _SERVERS.enter_context(app_process(tiny_checkpoint(**WIDE), Path(folder) / "app.log", *flags))
     atexit.register(_SERVERS.close)
     return url
@@ -72,6 +72,16 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def assert_same_picture(got: np.ndarray, want: np.ndarray):
+    """The server's picture equals this process's reference up to float summation order.
+
+    Two processes may split CPU reductions differently (e.g. another thread count), which moves a
+    few pixels by one level; another seed, prompt or camera changes most pixels by far more."""
+    assert got.shape == want.shape
+    diff = np.abs(got.astype(int) - want)
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, f"max diff {diff.max()}, {(diff > 0).mean():.2%} differ"
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -90,7 +100,7 @@ def test_generate_then_rerender_from_cached_planes(client, server, pipeline, tmp
         generations.append(timed(client.predict, PROMPT, "5", 0.7, 0, 0, api_name="/generate"))
         renders.append(timed(client.predict, yaw, 0, api_name="/render"))
     image, depth, raw, caption = generations[-1][1]
-    np.testing.assert_array_equal(pixels(image), shown(pipeline, PROMPT, 5))
+    assert_same_picture(pixels(image), shown(pipeline, PROMPT, 5))
     assert "64×64" in caption and pixels(depth).std() > 0 and pixels(raw).shape == (512, 512, 3)
     assert min(t for t, _ in renders) < min(t for t, _ in generations), \
         f"re-render {[t for t, _ in renders]} s must beat generation {[t for t, _ in generations]} s"
@@ -98,7 +108,7 @@ def test_generate_then_rerender_from_cached_planes(client, server, pipeline, tmp
     other = Client(server, verbose=False, download_files=str(tmp_path / "other"), analytics_enabled=False)
     fresh = other.predict(PROMPT, "5", 0.7, 30, 0, api_name="/generate")
     np.testing.assert_array_equal(turned, pixels(fresh[0]))
-    np.testing.assert_array_equal(turned, shown(pipeline, PROMPT, 5, 30, 0))
+    assert_same_picture(turned, shown(pipeline, PROMPT, 5, 30, 0))
     assert not np.array_equal(turned, pixels(image)), "the view must change with the camera"
 
 
@@ -108,15 +118,15 @@ def test_mixing_and_blending(client, pipeline):
     strip = pixels(strip)
     assert strip.shape == (512, 1024, 3) and "(2) This is a middle-aged woman." in caption
     for i, prompt in enumerate(prompts):
-        np.testing.assert_array_equal(strip[:, 512 * i:512 * (i + 1)], shown(pipeline, prompt, 2, 10, 0))
+        assert_same_picture(strip[:, 512 * i:512 * (i + 1)], shown(pipeline, prompt, 2, 10, 0))
     blend, _ = client.predict(PROMPT, OTHER, 1.0, "2", 0.7, 0, 0, api_name="/blend")
-    np.testing.assert_array_equal(pixels(blend), shown(pipeline, OTHER, 2))
+    assert_same_picture(pixels(blend), shown(pipeline, OTHER, 2))
 
 
 def test_style_interpolation_and_videos(client, pipeline):
     client.predict(OTHER, "4", 0.7, 0, 0, api_name="/generate")
     image, _ = client.predict("4", "9", 1.0, 20, 0, api_name="/interpolate")
-    np.testing.assert_array_equal(pixels(image), shown(pipeline, OTHER, 9, 20, 0))
+    assert_same_picture(pixels(image), shown(pipeline, OTHER, 9, 20, 0))
     strip = pixels(client.predict("4", "9", 3, 20, 0, api_name="/interpolation_strip"))
     assert strip.shape == (512, 3 * 512, 3)
     np.testing.assert_array_equal(strip[:, -512:], pixels(image))
@@ -173,7 +183,7 @@ def test_full_queue_refuses_with_a_message_and_the_server_keeps_serving(server, 
     assert answers.count(frames) == len(clients) - len(refused) >= 1 + MAX_QUEUE
     c = Client(server, verbose=False, download_files=str(tmp_path / "after"), analytics_enabled=False)
     image = c.predict(PROMPT, "3", 0.7, 0, 0, api_name="/generate")[0]
-    np.testing.assert_array_equal(pixels(image), shown(pipeline, PROMPT, 3))
+    assert_same_picture(pixels(image), shown(pipeline, PROMPT, 3))
 
 
 def test_missing_checkpoint_at_startup_is_one_paragraph(tmp_path, capsys):

@@ -318,3 +318,14 @@ def test_one_attribute_swap_changes_the_expected_region():
             inside = int((changed & regions[region]).sum())
             assert count >= minimum, (attr, value, yaw, count)
             assert inside >= 0.9 * count, (attr, value, yaw, inside, count)
+
+
+def test_cli_writes_a_data_set_and_refuses_to_overwrite(tmp_path, capsys):
+    from dreamportrait.synthetic.__main__ import main
+    main(["--out", str(tmp_path / "cli"), "--num", "2", "--res", "16", "--seed", "1", "--views", "2"])
+    labels = _load(tmp_path / "cli", "dataset.json")["labels"]
+    assert [name for name, _ in labels] == [f"00000/img0000000{k}.png" for k in range(4)]
+    assert "wrote 4 images of 2 identities" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "cli"), "--num", "2"])
+    assert "not an empty folder" in capsys.readouterr().err

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--radius-jitter", type=float, default=0.0, help="relative std of the camera radius")
     parser.add_argument("--pivot-jitter", type=float, default=0.0, help="std of the look-at pivot coordinates")
     args = parser.parse_args(argv)
-    path = write_dataset(args.out, args.num, args.res, args.seed, args.views, args.split, args.zip,
-                         args.batch, args.radius_jitter, args.pivot_jitter, workers=args.workers)
+    try:
+        path = write_dataset(args.out, args.num, args.res, args.seed, args.views, args.split, args.zip,
+                             args.batch, args.radius_jitter, args.pivot_jitter, workers=args.workers)
+    except (FileExistsError, ValueError) as e:
+        parser.error(str(e))
     print(f"wrote {args.num * args.views} images of {args.num} identities to {path}")
 
 
