@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads per request (default: torch's choice, one per core)")
+                    help="torch CPU threads of the server process (default: torch's choice, one per core)")
     ap.add_argument("--concurrency", type=int, default=2,
                     help="requests of one kind (e.g. generate) worked on at once (default 2)")
     ap.add_argument("--max-queue", type=int, default=64,

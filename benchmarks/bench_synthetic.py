@@ -1,6 +1,6 @@
 """Rendering speed of the synthetic portrait world at 64x64 on this CPU.
 
-    python benchmarks/bench_synthetic.py [--repeats 5] [--batch 64]
+    python -m benchmarks.bench_synthetic [--repeats 5] [--batch 64]
 
 Prints images per minute (median of repeated runs, wall clock and process CPU time) for:
 the renderer alone with frontal and with FFHQ-like poses, at the default torch thread count

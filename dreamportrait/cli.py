@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=30.0, help="orbit video frame rate (default 30)")
     g.add_argument("--mesh", action="store_true", help="also write a marching-cubes mesh with vertex colours")
     g.add_argument("--mesh-resolution", type=int, default=128, help="mesh grid points per side (default 128)")
-    g.add_argument("--mesh-threshold", type=float, default=DEFAULT_THRESHOLD, help=f"raw density level of the surface (default {DEFAULT_THRESHOLD:g}, as EG3D)")
+    g.add_argument("--mesh-threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"raw density level of the surface (default {DEFAULT_THRESHOLD:g}, as EG3D)")
     g.add_argument("--mesh-format", default=".glb", choices=MESH_SUFFIXES, help="mesh file format (default .glb)")
     g.add_argument("--checkpoint", default=None,
                    help="generator.safetensors or its folder (default: the app's model under checkpoints/)")

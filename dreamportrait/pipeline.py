@@ -27,21 +27,23 @@ MAX_SEED = 2 ** 31 - 1
 
 
 class LRU(OrderedDict):
-    """A small least-recently-used cache."""
+    """A small thread-safe least-recently-used cache."""
 
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
+        self._lock = threading.Lock()
 
     def get_or(self, key, make):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = make()
-        self[key] = value
-        if len(self) > self.capacity:
-            self.popitem(last=False)
-        return value
+        with self._lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+            value = make()
+            self[key] = value
+            if len(self) > self.capacity:
+                self.popitem(last=False)
+            return value
 
 
 @dataclass

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from dreamportrait.app_logic import (
-    MAX_MIX_PROMPTS, AppBackend, InputError, SessionStore, StartupError, describe_model, display_scale, enlarge,
-    find_default_checkpoint, load_pipeline, read_example_prompts,
+    MAX_MIX_PROMPTS, AppBackend, InputError, SessionStore, StartupError, depth_image, describe_model, display_scale,
+    enlarge, find_default_checkpoint, load_pipeline, read_example_prompts,
 )
 from dreamportrait.grid import to_uint8
 from dreamportrait.mesh import density_grid, load_mesh
@@ -64,19 +64,19 @@ def pipeline():
 
 
 @pytest.fixture()
-def warnings():
+def warned():
     return []
 
 
 @pytest.fixture()
-def backend(pipeline, warnings, tmp_path):
-    return AppBackend(pipeline, warn=warnings.append, max_sessions=3, max_mesh_resolution=48, work_dir=tmp_path)
+def backend(pipeline, warned, tmp_path):
+    return AppBackend(pipeline, warn=warned.append, max_sessions=3, max_mesh_resolution=48, work_dir=tmp_path)
 
 
-def shown(pipeline, prompt, seed, yaw=0.0, pitch=0.0, psi=0.7, key="image", scale=SCALE):
+def shown(pipeline, prompt, seed, yaw=0.0, pitch=0.0, psi=0.7):
     """What the page should show: the pipeline's render, enlarged with nearest neighbour."""
     _, views = pipeline.generate(prompt, seed, psi, yaw, pitch)
-    return enlarge(to_uint8(views[key][0]), scale)
+    return enlarge(to_uint8(views["image"][0]), SCALE)
 
 
 def mesh_threshold(pipeline, prompt, seed) -> float:
@@ -168,6 +168,11 @@ def test_display_enlargement_reaches_512_pixels_with_whole_factors(size, scale):
     assert big.shape == (size * scale, size * scale, 3) and np.array_equal(big[::scale, ::scale], image)
 
 
+def test_depth_view_shows_near_bright_and_far_dark():
+    view = depth_image(torch.tensor([2.5, 2.7, 3.3]).reshape(1, 1, 1, 3))
+    torch.testing.assert_close(view.flatten(), torch.tensor([1.0, 0.5, -1.0]))
+
+
 # Bad input ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt", ["", "   \n "])
@@ -176,13 +181,13 @@ def test_empty_prompt_is_refused(backend, prompt):
         backend.generate("s", prompt, 0, 0.7)
 
 
-def test_overlong_prompt_warns_with_token_counts(backend, warnings, pipeline):
+def test_overlong_prompt_warns_with_token_counts(backend, warned, pipeline):
     long_prompt = "A young woman with " + " and ".join(["long blond hair"] * 30) + "."
     image = backend.generate("s", long_prompt, 0, 0.7)[0]
-    assert len(warnings) == 1
+    assert len(warned) == 1
     text, _ = pipeline.encode(long_prompt)
-    assert f"has {int(text.prompt_tokens[0])} tokens" in warnings[0]
-    assert "only the first 75" in warnings[0] and "rest was cut" in warnings[0]
+    assert f"has {int(text.prompt_tokens[0])} tokens" in warned[0]
+    assert "only the first 75" in warned[0] and "rest was cut" in warned[0]
     assert image.shape == (512, 512, 3)
     with pytest.raises(InputError, match="characters long; the limit is 1000.*shorten it"):
         backend.generate("s", "a" * 1001, 0, 0.7)
