@@ -113,7 +113,7 @@ def model_name(info: dict) -> str:
 def describe_model(pipeline: DreamPortraitPipeline) -> str:
     """One Markdown line saying which model runs: name, training images seen, resolution, device."""
     info = pipeline.info
-    kimg = info.get("kimg")
+    kimg = info.get("kimg_total", info.get("kimg"))  # all training stages; older files carry only kimg
     seen = f"{float(kimg):g} kimg ({float(kimg) * 1000:,.0f} training images seen)" if kimg is not None \
         else "training images seen: unknown"
     res, nr = info.get("resolution"), info.get("neural_resolution")
