@@ -24,9 +24,8 @@ from dreamportrait.convert_eg3d import DISCRIMINATOR_FILE, GENERATOR_FILE, main
 from dreamportrait.generator import TriPlaneGenerator
 from dreamportrait.parity import TOLERANCE, compute_outputs, load_fixture, relative_error
 from fixtures_path import REPO, fixture_prefix
-from dreamportrait.eg3d_pickle import RestrictedUnpickler
 from test_eg3d_pickle import (EG3D_GLOBALS, FAKE_MODULES, EasyDict, ImportanceRenderer, MipRayMarcher2, OSGDecoder, Persistent,
-                              RaySampler, _poison_source, _reconstruct_persistent_obj)
+                              RaySampler, _poison_source, _reconstruct_persistent_obj, pickled_globals)
 from train.discriminator import DiscriminatorConfig, DualDiscriminator
 from train.discriminator_io import load_discriminator, save_discriminator
 
@@ -114,20 +113,6 @@ def write_eg3d_pickle(path, networks: dict[str, NetSpec], module_src: str) -> No
         with open(path, "wb") as f:
             pickle.dump(snapshot, f, protocol=4)
     assert not any(name in sys.modules for name in FAKE_MODULES)
-
-
-def pickled_globals(path) -> set[tuple[str, str]]:
-    """Every global a pickle references (guards the test pickle's EG3D layout)."""
-    seen = set()
-
-    class Recorder(RestrictedUnpickler):
-        def find_class(self, module, name):
-            seen.add((module, name))
-            return super().find_class(module, name)
-
-    with open(path, "rb") as f:
-        Recorder(f).load()
-    return seen
 
 
 @pytest.fixture(scope="module")

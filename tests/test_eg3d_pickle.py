@@ -275,10 +275,8 @@ def test_numpy1_scalar_name_is_accepted(tmp_path):
     assert rendering["box_warp"] == 1.0 and type(rendering["box_warp"]) is float
 
 
-def test_fixture_references_exactly_the_eg3d_globals(tmp_path):
-    """Guards the test pickle's layout: it must reference the globals of spec §8.3, no more, no less."""
-    path = tmp_path / "snapshot.pkl"
-    _write_eg3d_pickle(path, "")
+def pickled_globals(path) -> set[tuple[str, str]]:
+    """Every global a pickle references (guards a test pickle's EG3D layout)."""
     seen = set()
 
     class Recorder(RestrictedUnpickler):
@@ -288,7 +286,14 @@ def test_fixture_references_exactly_the_eg3d_globals(tmp_path):
 
     with open(path, "rb") as f:
         Recorder(f).load()
-    assert seen == EG3D_GLOBALS
+    return seen
+
+
+def test_fixture_references_exactly_the_eg3d_globals(tmp_path):
+    """Guards the test pickle's layout: it must reference the globals of spec §8.3, no more, no less."""
+    path = tmp_path / "snapshot.pkl"
+    _write_eg3d_pickle(path, "")
+    assert pickled_globals(path) == EG3D_GLOBALS
 
 
 class _Call:
