@@ -18,7 +18,7 @@ from train.config import PRESETS, STAGES, apply_overrides, preset, validate
 from train.gan_loss import GANLoss
 from train.tiny_teacher import write_tiny_teacher_folder
 
-FAST = ["batch=4", "snapshot_every_kimg=0.008", "image_every_kimg=1000", "log_every_kimg=0.004",
+FAST = ["batch=4", "snapshot_every_kimg=0.008", "image_every_kimg=1000",
         "gan.blur_init_sigma=1.0", "text.open_clip_config.width=32", "text.open_clip_config.layers=2",
         "text.open_clip_config.heads=2", "gan.neural_rendering_resolution_initial=16", "text.adapter_resolutions=[8,32]"]
 
@@ -44,7 +44,7 @@ def grads(module) -> dict[str, bool]:
 
 def test_every_loss_term_reaches_exactly_its_parameters(world):
     root, data, teacher = world
-    from dreamportrait.text_generator import DreamPortraitGenerator, TextConditionConfig
+    from dreamportrait.text_generator import DreamPortraitGenerator
     from train.distribution_sds import DistributionSDS
     from train.teacher import DiffusionTeacher
     torch.manual_seed(0)

@@ -70,7 +70,6 @@ class TrainConfig:
     prior: StageConfig = field(default_factory=StageConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
-    log_every_kimg: float = 0.1
     snapshot_every_kimg: float = 1.0
     image_every_kimg: float = 1.0
     eval_prompts: tuple = ()
@@ -147,7 +146,7 @@ PRESETS: dict[str, TrainConfig] = {
         teacher="runs/synthetic-teacher",
         prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior/final.safetensors"),
         stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1/final.safetensors", grad_accum=1),
-        log_every_kimg=0.05, snapshot_every_kimg=0.1, image_every_kimg=0.1,
+        snapshot_every_kimg=0.1, image_every_kimg=0.1,
         eval_prompts=("A young woman with long blond hair.", "An old man with a full beard and glasses.")),
     # The paper: CelebAText-HQ at 512, EG3D FFHQ 512 weights, OpenCLIP ViT-H/14, SD 2.0-base, 8 GPUs.
     "celebatext-512": TrainConfig(
@@ -161,7 +160,7 @@ PRESETS: dict[str, TrainConfig] = {
         prior=StageConfig(kimg=0.0),
         stage1=StageConfig(kimg=500.0, init="checkpoints/eg3d-ffhq512-128"),
         stage2=StageConfig(kimg=1000.0, init="runs/celebatext-512/stage1/final.safetensors", grad_accum=2),
-        log_every_kimg=4.0, snapshot_every_kimg=50.0, image_every_kimg=20.0,
+        snapshot_every_kimg=50.0, image_every_kimg=20.0,
         eval_prompts=("A woman is smiling with her teeth showing.", "This man has a beard and wears glasses.")),
 }
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
