@@ -12,7 +12,6 @@ import hashlib
 import pickle
 import subprocess
 import sys
-import types
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,8 +23,8 @@ from dreamportrait.convert_eg3d import DISCRIMINATOR_FILE, GENERATOR_FILE, main
 from dreamportrait.generator import TriPlaneGenerator
 from dreamportrait.parity import TOLERANCE, compute_outputs, load_fixture, relative_error
 from fixtures_path import REPO, fixture_prefix
-from test_eg3d_pickle import (EG3D_GLOBALS, FAKE_MODULES, EasyDict, ImportanceRenderer, MipRayMarcher2, OSGDecoder, Persistent,
-                              RaySampler, _poison_source, _reconstruct_persistent_obj, pickled_globals)
+from test_eg3d_pickle import (EG3D_GLOBALS, FAKE_MODULES, EasyDict, ImportanceRenderer, OSGDecoder, Persistent,
+                              RaySampler, _poison_source, eg3d_modules, pickled_globals)
 from train.discriminator import DiscriminatorConfig, DualDiscriminator
 from train.discriminator_io import load_discriminator, save_discriminator
 
@@ -101,13 +100,7 @@ def _network(spec: NetSpec) -> nn.Module:
 
 def write_eg3d_pickle(path, networks: dict[str, NetSpec], module_src: str) -> None:
     """Pickle ``networks`` in EG3D's snapshot layout; EG3D's modules exist only while dumping."""
-    with pytest.MonkeyPatch.context() as m:
-        for name in FAKE_MODULES:
-            m.setitem(sys.modules, name, types.ModuleType(name))
-        for obj in (_reconstruct_persistent_obj, EasyDict, OSGDecoder, ImportanceRenderer, RaySampler,
-                    MipRayMarcher2):
-            setattr(sys.modules[obj.__module__], obj.__qualname__, obj)
-        m.setattr(Persistent, "module_src", module_src)
+    with eg3d_modules(module_src):
         snapshot = {"training_set_kwargs": EasyDict(resolution=128, use_labels=True), "augment_pipe": None,
                     **{name: _network(spec) for name, spec in networks.items()}}
         with open(path, "wb") as f:

@@ -6,6 +6,7 @@ while OSGDecoder, the renderer, ray sampler and ray marcher pickle by reference 
 Those modules exist in ``sys.modules`` only while dumping; the embedded source writes a marker
 file and raises if it is ever executed.
 """
+import contextlib
 import copy
 import copyreg
 import os
@@ -184,8 +185,10 @@ def _generator_kwargs():
                 sr_kwargs=EasyDict(channels=16, sr_antialias=True), channel_base=2048, channel_max=64)
 
 
-def _write_eg3d_pickle(path, module_src, protocol=4, numpy1=False):
-    """Pickle an EG3D-layout snapshot to ``path``; return torch's own state dicts for comparison."""
+@contextlib.contextmanager
+def eg3d_modules(module_src: str):
+    """EG3D's modules (torch_utils, dnnlib, training.*) exist in sys.modules only inside this block,
+    and persistent classes carry ``module_src``: the state in which EG3D writes its pickles."""
     with pytest.MonkeyPatch.context() as m:
         for name in FAKE_MODULES:
             m.setitem(sys.modules, name, types.ModuleType(name))
@@ -193,6 +196,12 @@ def _write_eg3d_pickle(path, module_src, protocol=4, numpy1=False):
                     MipRayMarcher2):
             setattr(sys.modules[obj.__module__], obj.__qualname__, obj)
         m.setattr(Persistent, "module_src", module_src)
+        yield m
+
+
+def _write_eg3d_pickle(path, module_src, protocol=4, numpy1=False):
+    """Pickle an EG3D-layout snapshot to ``path``; return torch's own state dicts for comparison."""
+    with eg3d_modules(module_src) as m:
         torch.manual_seed(0)
         nets = {"G": TriPlaneGenerator(**_generator_kwargs()), "D": DualDiscriminator(),
                 "G_ema": TriPlaneGenerator(**_generator_kwargs())}
