@@ -302,6 +302,27 @@ class TextEncoder(nn.Module):
         return cls(OpenClipPenultimate(text), open_clip_tokenizer(_context(text)), identity)
 
     @classmethod
+    def from_clip_folder(cls, folder: str | os.PathLike) -> "TextEncoder":
+        """The text tower of an open_clip model folder: ``open_clip_config.json`` (with a
+        ``model_cfg`` entry) plus its weights, e.g. the synthetic world's small CLIP
+        (``checkpoints/synthetic-clip``). open_clip loads it as ``local-dir:FOLDER``. The folder is
+        recorded as given (keep it relative to the repository so checkpoints stay portable)."""
+        import open_clip
+        given, folder = str(folder), Path(folder).resolve()
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no open_clip_config.json; a CLIP folder holds that file "
+                                    "(with a 'model_cfg' entry) and its weights (open_clip_model.safetensors)")
+        if not any(folder.glob("*.safetensors")):
+            raise FileNotFoundError(f"{folder} has no .safetensors weights; train or copy the CLIP first")
+        try:
+            model = open_clip.create_model(f"local-dir:{folder}")
+        except Exception as err:  # open_clip raises several types for bad configs or weights
+            raise RuntimeError(f"could not load the open_clip model in {folder}: {err}") from err
+        text = getattr(model, "text", model)
+        identity = {"source": "open_clip_folder", "folder": given}
+        return cls(OpenClipPenultimate(text), open_clip_tokenizer(_context(text)), identity)
+
+    @classmethod
     def from_sd_pipeline(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "TextEncoder":
         """The ``text_encoder`` (transformers ``CLIPTextModel``) and ``tokenizer`` subfolders of a
         Stable-Diffusion-2-style pipeline folder; its last layer is already the penultimate one.
@@ -343,9 +364,11 @@ class TextEncoder(nn.Module):
             enc = cls.from_config(identity["text_cfg"], seed=identity["seed"], quick_gelu=identity["quick_gelu"])
         elif source == "sd_pipeline":
             enc = cls.from_sd_pipeline(identity["folder"])
+        elif source == "open_clip_folder":
+            enc = cls.from_clip_folder(identity["folder"])
         else:
-            raise ValueError(f"unknown text encoder source {source!r}; expected open_clip, open_clip_config "
-                             "or sd_pipeline")
+            raise ValueError(f"unknown text encoder source {source!r}; expected open_clip, open_clip_config, "
+                             "open_clip_folder or sd_pipeline")
         for key in ("width", "context_length"):
             if key in identity and identity[key] != enc.identity[key]:
                 raise ValueError(f"text encoder {key} is {enc.identity[key]} but the checkpoint expects "

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from clip_reference import hand_run
 from dreamportrait.text_encoder import (OpenClipPenultimate, TextEncoder, open_clip_tokenizer,
                                         save_sd_text_encoder, truncation_messages)
 
@@ -27,23 +27,6 @@ def encoder(tower):
                        {"source": "test"})
 
 
-def hand_run(tower, ids):
-    """CLIP's text transformer written out: embeddings, all blocks but the last, ln_final."""
-    x = tower.token_embedding(ids) + tower.positional_embedding
-    length, heads = ids.shape[1], CFG["heads"]
-    causal = torch.full((length, length), float("-inf")).triu(1)
-    for blk in list(tower.transformer.resblocks)[:-1]:
-        h = F.layer_norm(x, (x.shape[-1],), blk.ln_1.weight, blk.ln_1.bias)
-        q, k, v = (h @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).chunk(3, dim=-1)
-        split = lambda t: t.reshape(t.shape[0], length, heads, -1).transpose(1, 2)
-        q, k, v = split(q), split(k), split(v)
-        att = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + causal).softmax(-1) @ v
-        x = x + blk.attn.out_proj(att.transpose(1, 2).reshape(x.shape))
-        h = F.layer_norm(x, (x.shape[-1],), blk.ln_2.weight, blk.ln_2.bias)
-        x = x + blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(h)))
-    return tower.ln_final(x)
-
-
 def test_eot_position_is_argmax_of_ids_and_holds_the_eot_token(encoder):
     ids, counts = encoder.tokenize(PROMPTS)
     enc = encoder.encode_ids(ids, counts)
@@ -61,7 +44,7 @@ def test_penultimate_features_match_a_hand_run_of_the_open_clip_transformer(enco
     ids, counts = encoder.tokenize(PROMPTS)
     enc = encoder.encode_ids(ids, counts)
     with torch.no_grad():
-        expected = hand_run(tower, ids)
+        expected = hand_run(tower, ids, CFG["heads"])
         api = tower.forward_intermediates(ids, indices=[CFG["layers"] - 2], normalize_intermediates=True,
                                           intermediates_only=True, output_fmt="NLC")["text_intermediates"][0]
         last = tower.ln_final(tower.transformer(tower.token_embedding(ids) + tower.positional_embedding,

@@ -97,10 +97,14 @@ def _phrases(a: dict, chosen: list[str], rng: np.random.Generator) -> tuple[list
     return has, state, wear, background
 
 
-def make_caption(attributes: dict, rng: np.random.Generator) -> str:
-    """One caption mentioning a random subset (2 to 6 attributes) of ``attributes``."""
+def make_caption(attributes: dict, rng: np.random.Generator, mentions: int | None = None) -> str:
+    """One caption mentioning a random subset of ``attributes``: ``mentions`` of them (all when
+    larger than the mentionable ones), or 2 to 6 drawn at random when ``mentions`` is None."""
     names = mentionable(attributes)
-    k = int(rng.integers(2, min(6, len(names)) + 1)) if len(names) >= 2 else len(names)
+    if mentions is not None:
+        k = min(int(mentions), len(names))
+    else:
+        k = int(rng.integers(2, min(6, len(names)) + 1)) if len(names) >= 2 else len(names)
     chosen = [names[i] for i in rng.permutation(len(names))[:k]]
     has, state, wear, background = _phrases(attributes, chosen, rng)
     gender = attributes["gender"]
