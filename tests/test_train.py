@@ -19,8 +19,8 @@ from train.gan_loss import GANLoss
 from train.tiny_teacher import write_tiny_teacher_folder
 
 FAST = ["batch=4", "snapshot_every_kimg=0.008", "image_every_kimg=1000",
-        "gan.blur_init_sigma=1.0", "text.open_clip_config.width=32", "text.open_clip_config.layers=2",
-        "text.open_clip_config.heads=2", "gan.neural_rendering_resolution_initial=16", "text.adapter_resolutions=[8,32]"]
+        "gan.blur_init_sigma=1.0", "text.open_clip_folder=null",
+        'text.open_clip_config={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}', "gan.neural_rendering_resolution_initial=16", "text.adapter_resolutions=[8,32]"]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,10 @@ def test_every_preset_validates_for_every_stage():
         apply_overrides(preset("synthetic-tiny"), ["stage1.kimgs=3"])
     with pytest.raises(ValueError, match="needs teacher"):
         validate(apply_overrides(preset("synthetic-tiny"), ["teacher=null"]), "stage2")
+    with pytest.raises(ValueError, match="several text encoders"):
+        validate(apply_overrides(preset("synthetic-tiny"), ['text.open_clip_config={"width": 32}']), "stage1")
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        validate(apply_overrides(preset("synthetic-tiny"), ["text.open_clip_folder=null"]), "stage1")
 
 
 def test_missing_inputs_are_clear_errors_before_any_work(world, tmp_path):

@@ -36,6 +36,7 @@ class TextConfig:
     open_clip_model: str | None = None          # e.g. 'ViT-H-14'
     open_clip_pretrained: str | None = None     # e.g. 'laion2b_s32b_b79k' (from the open_clip cache) or a file
     open_clip_config: dict | None = None        # a small text config built with open_clip's classes
+    open_clip_folder: str | None = None         # an open_clip model folder (the synthetic world's small CLIP)
     sd_pipeline: str | None = None              # or the text_encoder of a Stable-Diffusion-style folder
     seed: int = 0                               # initialisation seed of a config-built encoder
     adapter_resolutions: tuple | None = None    # None: adapter_count blocks spread from 4^2 to the top
@@ -131,8 +132,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-# A small text tower for the synthetic world until its trained CLIP lands (issue: judge/CLIP/teacher).
-SYNTHETIC_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=128, heads=4, layers=4)
+TEXT_SOURCES = ("open_clip_model", "open_clip_config", "open_clip_folder", "sd_pipeline")
 
 PRESETS: dict[str, TrainConfig] = {
     # CPU, minutes per thousand images: the synthetic portrait world at 64x64.
@@ -141,9 +141,9 @@ PRESETS: dict[str, TrainConfig] = {
         gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=2.0, blur_fade_kimg=2.0, gpc_reg_prob=0.5,
                           gpc_reg_fade_kimg=5.0, neural_rendering_resolution_initial=32),
         optim=OptimConfig(g_lr=0.0025, d_lr=0.002, ema_kimg=1.0, ema_rampup=0.05),
-        text=TextConfig(open_clip_config=SYNTHETIC_TEXT_CFG, adapter_resolutions=(4, 8, 16, 32, 64)),
+        text=TextConfig(open_clip_folder="checkpoints/synthetic-clip", adapter_resolutions=(4, 8, 16, 32, 64)),
         sds=DistributionSDSConfig(guidance_scale=7.5),
-        teacher="runs/synthetic-teacher",
+        teacher="checkpoints/synthetic-teacher",
         prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior/final.safetensors"),
         stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1/final.safetensors", grad_accum=1),
         snapshot_every_kimg=0.1, image_every_kimg=0.1,
@@ -186,8 +186,12 @@ def validate(cfg: TrainConfig, stage: str) -> None:
         raise ValueError(f"{stage}.kimg must be >= 0")
     if st.freeze_G and st.freeze_D:
         raise ValueError(f"{stage}: freezing both G and D leaves nothing to train")
-    if stage != "prior" and not (cfg.text.open_clip_model or cfg.text.open_clip_config or cfg.text.sd_pipeline):
-        raise ValueError(f"{stage} needs a text encoder: set text.open_clip_model, text.open_clip_config or text.sd_pipeline")
+    sources = [k for k in TEXT_SOURCES if getattr(cfg.text, k)]
+    if stage != "prior" and not sources:
+        raise ValueError(f"{stage} needs a text encoder: set one of " + ", ".join(f"text.{k}" for k in TEXT_SOURCES))
+    if len(sources) > 1:
+        raise ValueError(f"several text encoders are set ({', '.join('text.' + k for k in sources)}); "
+                         "set the others to null")
     if stage == "stage2":
         if not cfg.teacher:
             raise ValueError("stage2 needs teacher=FOLDER (a Stable-Diffusion-style pipeline folder)")

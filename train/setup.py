@@ -123,10 +123,12 @@ def build_text_encoder(cfg: TrainConfig) -> TextEncoder:
         return TextEncoder.from_sd_pipeline(t.sd_pipeline)
     if t.open_clip_config:
         return TextEncoder.from_config(t.open_clip_config, seed=t.seed)
+    if t.open_clip_folder:
+        return TextEncoder.from_clip_folder(t.open_clip_folder)
     if t.open_clip_model:
         return TextEncoder.from_open_clip(t.open_clip_model, t.open_clip_pretrained)
     raise ValueError("stage1/stage2 need a text encoder: set text.open_clip_model (+ open_clip_pretrained), "
-                     "text.open_clip_config or text.sd_pipeline")
+                     "text.open_clip_config, text.open_clip_folder or text.sd_pipeline")
 
 
 def _stage_init_dir(cfg: TrainConfig, stage: str) -> Path | None:
