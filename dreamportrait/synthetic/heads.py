@@ -192,19 +192,20 @@ def _skin_albedo(q: PartPoints) -> Tensor:
     level = q["wrinkles"]
     if isinstance(level, float):
         level = torch.full_like(x, level)
-    # Middle-aged: two forehead lines 0.02 apart; old: four lines 0.013 apart.
+    # Middle-aged: two forehead lines 0.02 apart, folds and eye bags; old: four lines 0.013 apart,
+    # crow's feet and mouth corners too. Lines are about a pixel wide at 64x64 (narrower vanish).
     old = (level > 1.5).float()
     spacing = 0.02 - 0.007 * old
     u = (y - 0.125 + 0.007 * old) / spacing
     k = u.round().clamp(0.0, 3.0)
-    forehead = _gauss((u - k) * spacing, 0.003) * (k < 2.0 + 2.0 * old).float() * (ax < 0.075).float() * front
-    fold = _gauss(_segment_distance_2d(ax, y, (0.036, -0.052), (0.06, -0.128)), 0.0035) * front
-    bags = _gauss(_segment_distance_2d(ax, y, (0.035, 0.0), (0.08, 0.003)), 0.003) * front
+    forehead = _gauss((u - k) * spacing, 0.0045) * (k < 2.0 + 2.0 * old).float() * (ax < 0.075).float() * front
+    fold = _gauss(_segment_distance_2d(ax, y, (0.036, -0.052), (0.06, -0.128)), 0.005) * front
+    bags = _gauss(_segment_distance_2d(ax, y, (0.035, 0.0), (0.08, 0.003)), 0.004) * front
     feet = _gauss(_segment_distance_2d(ax, y, (0.098, 0.04), (0.112, 0.022)), 0.003)
     corners = _gauss(_segment_distance_2d(ax, y, (0.052, -0.13), (0.056, -0.168)), 0.003) * front
-    extra = torch.maximum(torch.maximum(bags, corners), feet)
-    lines = torch.maximum(torch.maximum(forehead, fold), old * extra)
-    strength = (level > 0.5).float() * torch.where(level > 1.5, 0.7, 0.45)
+    extra = torch.maximum(corners, feet)
+    lines = torch.maximum(torch.maximum(torch.maximum(forehead, fold), bags), old * extra)
+    strength = (level > 0.5).float() * torch.where(level > 1.5, 0.75, 0.55)
     return colour * (1.0 - (strength * lines).unsqueeze(-1))
 
 
@@ -218,7 +219,7 @@ SKIN_PART = Part("skin", (
     Shape(_jaw_angles, ((0.0, -0.22, -0.11), (0.2, 0.005, 0.15)), mirror=True, blend=0.04),
     Shape(_chin, ((-0.11, -0.25, 0.0), (0.11, -0.065, 0.18)), blend=0.03),
     Shape(_cheeks, ((0.0, -0.13, -0.02), (0.19, 0.07, 0.19)), mirror=True, blend=0.03),
-    Shape(_nose, ((-0.075, -0.1, 0.11), (0.075, 0.08, 0.29)), blend=0.018),
+    Shape(_nose, ((-0.095, -0.13, 0.11), (0.095, 0.08, 0.315)), blend=0.018),
     Shape(_ears, ((0.085, -0.075, -0.06), (0.21, 0.075, 0.05)), mirror=True, blend=0.012),
     Shape(_neck, ((-0.15, -0.53, -0.19), (0.15, 0.05, 0.13)), blend=0.05),
 ), _skin_albedo)
@@ -250,7 +251,7 @@ def _brows(q: PartPoints) -> Tensor:
 
 BROWS_PART = Part("eyebrows", (("brow_in", 3), ("brow_mid", 3), ("brow_out", 3), ("brow_r", 1),
                                ("brow_rgb", 3)),
-                  (Shape(_brows, ((0.005, 0.05, 0.11), (0.12, 0.12, 0.185)), mirror=True),),
+                  (Shape(_brows, ((0.005, 0.04, 0.11), (0.12, 0.135, 0.185)), mirror=True),),
                   _parameter("brow_rgb"))
 
 

@@ -62,10 +62,10 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
         angle_r=(0.04 if man else 0.032, 0.05, 0.07),
         chin_c=(0, -0.162 * fh, 0.088), chin_r=((0.062 if broad else 0.03) * fw, 0.036, 0.045),
         cheek_c=(0.068 * fw, -0.03, 0.085), cheek_r=(0.055 * cheek, 0.045 * cheek, 0.06),
-        bridge=(0, 0.03, 0.158), tip=(0, tip_y, 0.232 if big_nose else 0.205),
-        bridge_r=0.024 if big_nose else 0.015, tip_r=0.03 if big_nose else 0.02,
-        wing_c=(0.028 if big_nose else 0.02, -0.05, 0.178),
-        wing_r=(0.018, 0.014, 0.016) if big_nose else (0.013, 0.011, 0.013),
+        bridge=(0, 0.03, 0.158), tip=(0, tip_y - (0.012 if big_nose else 0.0), 0.245 if big_nose else 0.203),
+        bridge_r=0.027 if big_nose else 0.014, tip_r=0.038 if big_nose else 0.019,
+        wing_c=(0.038 if big_nose else 0.019, -0.056 if big_nose else -0.05, 0.178),
+        wing_r=(0.024, 0.018, 0.019) if big_nose else (0.012, 0.01, 0.012),
         ear_c=(0.148 * fw, 0.0, -0.005), ear_r=(0.022, 0.05, 0.032),
         neck_a=(0, -0.1, -0.02), neck_b=(0, -0.38, -0.04), neck_r=0.078 if man else 0.062,
         skin=skin, blush=0.0 if man else 1.0, wrinkles=heads.WRINKLE[a["age"]])
@@ -76,12 +76,13 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
                      iris=_jitter(rng, heads.IRIS[a["eye_color"] or "brown"]),
                      lid=0.45 if not man else 0.7)
 
-    arch = 0.02 if a["eyebrow_shape"] == "arched" else 0.0
+    # Arched: a raised middle and a dropping outer end; straight: one level line.
+    arched = a["eyebrow_shape"] == "arched"
     brow_x = eye_x - 0.054
     p["eyebrows"] = dict(brow_in=_on(cranium_c, cranium_r, brow_x + 0.028, 0.078, 0.004),
-                         brow_mid=_on(cranium_c, cranium_r, brow_x + 0.061, 0.08 + arch, 0.004),
-                         brow_out=_on(cranium_c, cranium_r, brow_x + 0.094, 0.07, 0.004),
-                         brow_r=0.011 if a["eyebrow_thickness"] == "thick" else 0.0048, brow_rgb=brow)
+                         brow_mid=_on(cranium_c, cranium_r, brow_x + 0.061, 0.108 if arched else 0.08, 0.004),
+                         brow_out=_on(cranium_c, cranium_r, brow_x + 0.094, 0.062 if arched else 0.08, 0.004),
+                         brow_r=0.013 if a["eyebrow_thickness"] == "thick" else 0.0045, brow_rgb=brow)
 
     mouth = a["mouth"]
     lift = 0.014 if mouth == "smiling" else 0.0
