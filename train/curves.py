@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         parts = spec.split(":")
         if len(parts) < 2:
             ap.error(f"{spec!r} must look like LOG.jsonl:KEY or LOG.jsonl:KEY:TITLE")
-        log, key, title = parts[0], parts[1], ":".join(parts[2:]) or f"{key} ({Path(log).parent.name})"
+        log, key = parts[0], parts[1]
+        title = ":".join(parts[2:]) or f"{key} ({Path(log).parent.name})"
         panels.append(panel(title, *read_series(log, key)))
     cols = min(args.cols, len(panels))
     rows = -(-len(panels) // cols)
