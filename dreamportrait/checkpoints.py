@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -87,6 +91,30 @@ def save_model_file(path, tensors: dict[str, torch.Tensor], config: dict, kind: 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(folder, replace: bool = True) -> Iterator[Path]:
+    """Write a folder atomically: yields an empty staging folder beside ``folder``; when the block
+    ends it is renamed into place (over an old ``folder`` when ``replace``), and on an error it is
+    removed, so readers only ever see the old folder or the complete new one."""
+    folder = Path(folder)
+    if folder.exists() and not replace:
+        raise FileExistsError(f"{folder} already exists; remove it or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield staging
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(staging, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _looks_like_pickle(path: Path) -> bool:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +34,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+
+from dreamportrait.checkpoints import atomic_folder
 
 SD_TEXT_ENCODER_DIR = "text_encoder"
 SD_TOKENIZER_DIR = "tokenizer"
@@ -457,7 +457,7 @@ def save_sd_text_encoder(encoder: TextEncoder, folder: str | os.PathLike) -> Pat
     """Write an open_clip-backed encoder as ``folder/text_encoder`` + ``folder/tokenizer`` in
     Stable Diffusion 2's layout, readable by :meth:`TextEncoder.from_sd_pipeline` and diffusers.
 
-    Each subfolder is written to a temporary folder first and then moved into place.
+    Each subfolder is written atomically (staged, then moved into place).
     """
     from safetensors.torch import save_file
     if not isinstance(encoder.tower, OpenClipPenultimate):
@@ -466,23 +466,13 @@ def save_sd_text_encoder(encoder: TextEncoder, folder: str | os.PathLike) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     model = to_clip_text_model(encoder.tower)
     tok = clip_tokenizer_for_transformers(encoder.context_length)
-    for sub in (SD_TEXT_ENCODER_DIR, SD_TOKENIZER_DIR):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{sub}-", dir=folder))
-        if sub == SD_TEXT_ENCODER_DIR:
-            # Keys carry the "text_model." prefix of the published SD2 file, so loading this folder
-            # exercises the same path as loading the real teacher.
-            model.config.save_pretrained(tmp)
-            save_file({f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()},
-                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "dreamportrait_source.json").write_text(json.dumps(encoder.describe(), indent=2))
-        else:
-            tok.save_pretrained(tmp)
-        target = folder / sub
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{sub}-old-", dir=folder))
-            os.replace(target, old / sub)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+    with atomic_folder(folder / SD_TEXT_ENCODER_DIR) as tmp:
+        # Keys carry the "text_model." prefix of the published SD2 file, so loading this folder
+        # exercises the same path as loading the real teacher.
+        model.config.save_pretrained(tmp)
+        save_file({f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "dreamportrait_source.json").write_text(json.dumps(encoder.describe(), indent=2))
+    with atomic_folder(folder / SD_TOKENIZER_DIR) as tmp:
+        tok.save_pretrained(tmp)
     return folder

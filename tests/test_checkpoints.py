@@ -154,3 +154,22 @@ def test_save_rejects_bad_metadata(tmp_path):
     with pytest.raises(ValueError, match="kind must be a non-empty string"):
         save_model_file(path, {"w": torch.zeros(1)}, CONFIG, kind="")
     assert not path.exists()
+
+
+def test_atomic_folder_replaces_whole_or_leaves_the_old_folder(tmp_path):
+    from dreamportrait.checkpoints import atomic_folder
+    target = tmp_path / "model"
+    with atomic_folder(target) as staging:
+        (staging / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_folder(target) as staging:
+            (staging / "a.txt").write_text("2")
+            raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_folder(target) as staging:
+        (staging / "b.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_folder(target, replace=False):
+            pass

@@ -20,14 +20,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from dreamportrait.checkpoints import atomic_folder
 from dreamportrait.synthetic.captions import make_caption, mentionable
 from train.run_files import RunFiles
 from train.world_data import WorldData
@@ -77,26 +76,13 @@ def save_clip_folder(model, model_cfg: dict, folder: str | os.PathLike, extra: d
 
     Weights are stored in float16 (open_clip casts them back to the model's float32 on loading)."""
     from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)},
                   "dreamportrait": extra or {}}
         (staging / "open_clip_config.json").write_text(json.dumps(config, indent=1))
         state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
                  for k, v in model.state_dict().items()}
         save_file(state, str(staging / "open_clip_model.safetensors"))
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old.", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(staging, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 
