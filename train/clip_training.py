@@ -146,7 +146,7 @@ def train(data_path: str, run_dir: str, kimg: float, out: str | None = None, bat
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
-        run.step(batch, {"clip/loss": float(loss.detach()), "clip/logit_scale": float(model.logit_scale.exp()),
+        run.step(batch, {"clip/loss": float(loss.detach()), "clip/logit_scale": float(model.logit_scale.detach().exp()),
                          "clip/lr": opt.param_groups[0]["lr"]})
         if time.time() - last_save > checkpoint_seconds or run.done or (stop_after is not None and run.nimg >= stop_after):
             checkpoint()

@@ -76,6 +76,37 @@ def clip_bpe_tokenizer(context_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=context_length)
 
 
+def unet_kwargs(channels, cross_attention_dim: int, latent_size: int, latent_channels: int = 4,
+                norm_groups: int = 8, layers_per_block: int = 1, attention_heads=4) -> dict:
+    """``UNet2DConditionModel`` arguments in SD's layout: one level per entry of ``channels``,
+    cross-attention at every level but the coarsest, epsilon prediction on ``latent_size`` latents.
+
+    ``attention_heads`` (int or one per level) is diffusers' ``attention_head_dim``, which
+    UNet2DConditionModel reads as the number of heads.
+    """
+    levels = len(channels)
+    return dict(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        layers_per_block=layers_per_block, block_out_channels=tuple(channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_heads if isinstance(attention_heads, int) else tuple(attention_heads),
+        norm_num_groups=norm_groups)
+
+
+def vae_kwargs(channels, image_size: int, latent_channels: int = 4, norm_groups: int = 8,
+               layers_per_block: int = 1) -> dict:
+    """``AutoencoderKL`` arguments: one encoder/decoder level per entry of ``channels``, so
+    ``image_size`` images become ``image_size / 2 ** (len(channels) - 1)`` latents."""
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        latent_channels=latent_channels, norm_num_groups=norm_groups, sample_size=image_size)
+
+
 def build_tiny_components(config: TinyTeacherConfig = TinyTeacherConfig()) -> dict:
     """Randomly initialised components (seeded, global RNG untouched), keyed like an SD folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -84,30 +115,11 @@ def build_tiny_components(config: TinyTeacherConfig = TinyTeacherConfig()) -> di
     tokenizer = clip_bpe_tokenizer(config.context_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        levels = len(config.unet_channels)
-        unet = UNet2DConditionModel(
-            sample_size=config.latent_size,
-            in_channels=config.latent_channels,
-            out_channels=config.latent_channels,
-            layers_per_block=1,
-            block_out_channels=config.unet_channels,
-            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=config.text_width,
-            attention_head_dim=4,
-            norm_num_groups=config.norm_groups,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
-            block_out_channels=config.vae_channels,
-            layers_per_block=1,
-            latent_channels=config.latent_channels,
-            norm_num_groups=config.norm_groups,
-            sample_size=config.image_size,
-        )
+        unet = UNet2DConditionModel(**unet_kwargs(
+            config.unet_channels, config.text_width, config.latent_size, config.latent_channels,
+            config.norm_groups))
+        vae = AutoencoderKL(**vae_kwargs(
+            config.vae_channels, config.image_size, config.latent_channels, config.norm_groups))
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=CLIP_VOCAB_SIZE,
             hidden_size=config.text_width,
