@@ -469,6 +469,7 @@ def save_sd_text_encoder(encoder: TextEncoder, folder: str | os.PathLike) -> Pat
     with atomic_folder(folder / SD_TEXT_ENCODER_DIR) as tmp:
         # Keys carry the "text_model." prefix of the published SD2 file, so loading this folder
         # exercises the same path as loading the real teacher.
+        model.config.architectures = ["CLIPTextModel"]  # as in SD2's file; pipeline checks read it
         model.config.save_pretrained(tmp)
         save_file({f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -59,6 +59,7 @@ def test_open_clip_route_and_sd_pipeline_route_give_the_same_features(encoder, t
     save_sd_text_encoder(encoder, tmp_path)
     cfg = json.loads((tmp_path / "text_encoder" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == CFG["layers"] - 1 and cfg["hidden_act"] == "gelu"
+    assert cfg["architectures"] == ["CLIPTextModel"]
     from safetensors import safe_open
     with safe_open(str(tmp_path / "text_encoder" / "model.safetensors"), "pt") as f:
         assert all(k.startswith("text_model.") for k in f.keys())  # the published SD2 file layout

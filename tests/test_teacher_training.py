@@ -1,0 +1,174 @@
+"""The synthetic world's teacher training: export round trip, resume, caption dropout, errors.
+
+Tiny configs on 16x16 random images (8x8 latents), a few optimiser steps each.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dreamportrait.text_encoder import TextEncoder
+from train.teacher_training import (TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher,
+                                    load_text_encoder, load_vae, main, train_unet, train_vae)
+from train.world_data import WorldData
+
+TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+VAE_CFG = VAEConfig(channels=(8, 8), norm_groups=4, batch=4, holdout=8)
+UNET_CFG = UNetConfig(channels=(16, 32), head_dim=8, norm_groups=8, batch=4, warmup_kimg=0.01)
+QUIET = dict(progress=False, checkpoint_minutes=-1, checkpoint_steps=3)
+
+
+class Killed(Exception):
+    """Stands in for the process dying right after an optimiser step."""
+
+
+def kill_at(step):
+    def hook(current):
+        if current == step:
+            raise Killed
+    return hook
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    words = ["red hair", "sunglasses", "a beard", "earrings", "white hair"]
+    return WorldData(path="memory", images=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                     captions=[[f"A person with {words[(i + k) % 5]}" for k in range(10)] for i in range(n)],
+                     attributes=[{} for _ in range(n)], identity_seeds=np.arange(n),
+                     yaw=np.zeros(n), pitch=np.zeros(n))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder.from_config(TEXT_CFG)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(data, tmp_path_factory):
+    return train_vae(data, tmp_path_factory.mktemp("vae"), 0.016, VAE_CFG, **QUIET)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_vae_run_killed_and_resumed_ends_with_the_same_weights(data, tmp_path):
+    whole = train_vae(data, tmp_path / "whole", 0.032, VAE_CFG, **QUIET)
+    with pytest.raises(Killed):  # dies after step 5: the checkpoint of step 3 is on disk
+        train_vae(data, tmp_path / "killed", 0.032, VAE_CFG, on_step=kill_at(5), **QUIET)
+    assert weights(tmp_path / "killed" / "state.pt")["nimg"] == 12
+    resumed = train_vae(data, tmp_path / "killed", 0.032, VAE_CFG, resume=True, **QUIET)
+    assert_same(weights(tmp_path / "whole" / "state.pt")["vae"], weights(tmp_path / "killed" / "state.pt")["vae"])
+    a, b = load_vae(whole), load_vae(resumed)
+    assert a.config.scaling_factor == b.config.scaling_factor
+    training_images = data.float_images(np.arange(len(data) - VAE_CFG.holdout))
+    scaled = b.encode(training_images).latent_dist.mean * b.config.scaling_factor
+    assert abs(float(scaled.std()) - 1) < 1e-4  # SD's rule: unit-variance latents
+    record = json.loads((tmp_path / "killed" / "reconstruction.json").read_text())
+    assert record["images"] == VAE_CFG.holdout and np.isfinite(record["psnr"])
+
+
+def test_vae_session_stopped_early_is_exported_and_resumable(data, tmp_path):
+    steps = []
+    folder = train_vae(data, tmp_path, 0.032, VAE_CFG, on_step=steps.append,
+                       should_stop=lambda: len(steps) == 2, **QUIET)
+    assert weights(tmp_path / "state.pt")["nimg"] == 8 and load_vae(folder).config.scaling_factor > 0
+    train_vae(data, tmp_path, 0.032, VAE_CFG, resume=True, **QUIET)
+    assert weights(tmp_path / "state.pt")["nimg"] == 32
+
+
+def test_unet_run_killed_and_resumed_ends_with_the_same_weights(data, encoder, vae_folder, tmp_path):
+    vae = load_vae(vae_folder)
+    train_unet(data, vae, encoder, tmp_path / "whole", 0.028, UNET_CFG, **QUIET)
+    with pytest.raises(Killed):
+        train_unet(data, vae, encoder, tmp_path / "killed", 0.028, UNET_CFG, on_step=kill_at(5), **QUIET)
+    assert weights(tmp_path / "killed" / "state.pt")["nimg"] == 12
+    train_unet(data, vae, encoder, tmp_path / "killed", 0.028, UNET_CFG, resume=True, **QUIET)
+    whole, resumed = weights(tmp_path / "whole" / "state.pt"), weights(tmp_path / "killed" / "state.pt")
+    assert resumed["nimg"] == 28
+    assert_same(whole["unet"], resumed["unet"])
+    assert_same(whole["ema"], resumed["ema"])
+    assert not torch.equal(whole["unet"]["conv_in.weight"], whole["ema"]["conv_in.weight"])
+
+
+def test_exported_teacher_round_trips_and_runs_a_guided_step(data, encoder, vae_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from train.teacher import DiffusionTeacher
+    vae = load_vae(vae_folder)
+    unet = train_unet(data, vae, encoder, tmp_path / "run", 0.008, UNET_CFG, **QUIET)
+    folder = export_teacher(unet, vae, encoder, tmp_path / "teacher", {"unet-log.jsonl": tmp_path / "run" / "log.jsonl"})
+    assert (folder / "logs" / "unet-log.jsonl").is_file()
+
+    teacher = DiffusionTeacher.from_pretrained(folder)
+    assert teacher.vae.config.scaling_factor == vae.config.scaling_factor
+    for loaded, trained in ((teacher.unet, unet), (teacher.vae, vae)):  # stored in fp16, loaded as fp32
+        for (name, a), b in zip(loaded.state_dict().items(), trained.state_dict().values()):
+            assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+    prompts = ["A person with red hair", "A bald man wearing earrings"]
+    sd_route = TextEncoder.from_sd_pipeline(folder)(prompts).tokens
+    assert (sd_route - encoder(prompts).tokens).abs().max() < 1e-5
+    assert torch.allclose(teacher.encode_prompts(prompts), encoder(prompts).tokens, atol=1e-5)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500, 500])
+    text, uncond = teacher.encode_prompts(prompts), teacher.uncond_embedding()
+    guided = teacher.predict_noise(latents, t, text, uncond, 7.5)
+    unguided = teacher.predict_noise(latents, t, text, uncond, 1.0)
+    assert guided.shape == latents.shape and torch.isfinite(guided).all()
+    assert (guided - unguided).abs().max() > 1e-4
+    # diffusers' own pipeline loads the folder too
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    image = pipe(prompts[0], num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16)
+
+    # a second export replaces the teacher folder; a foreign folder is refused
+    export_teacher(unet, vae, encoder, folder)
+    assert not (folder / "logs").exists()
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileExistsError, match="not a teacher folder"):
+        export_teacher(unet, vae, encoder, tmp_path / "other")
+
+
+def test_caption_dropout_is_ten_percent():
+    rng = np.random.default_rng(0)
+    captions = [f"caption {i}" for i in range(20000)]
+    dropped = drop_captions(captions, UNetConfig().caption_dropout, rng)
+    rate = sum(c == "" for c in dropped) / len(dropped)
+    assert abs(rate - 0.1) < 0.01
+    assert all(d in ("", c) for c, d in zip(captions, dropped))
+
+
+def test_unet_logs_the_dropout_it_applies(data, encoder, vae_folder, tmp_path):
+    vae = load_vae(vae_folder)
+    cfg = UNetConfig(**{**UNET_CFG.__dict__, "caption_dropout": 0.5, "batch": 8})
+    train_unet(data, vae, encoder, tmp_path, 0.08, cfg, **QUIET)
+    logged = [json.loads(line)["unet/dropped"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert 0.2 < np.mean(logged) < 0.8
+
+
+def test_resume_with_another_text_encoder_is_refused(data, encoder, vae_folder, tmp_path):
+    vae = load_vae(vae_folder)
+    train_unet(data, vae, encoder, tmp_path, 0.004, UNET_CFG, **QUIET)
+    wider = TextEncoder.from_config({**TEXT_CFG, "width": 64})
+    with pytest.raises(TeacherTrainingError, match="width 32, this one has 64"):
+        train_unet(data, vae, wider, tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+    reseeded = TextEncoder.from_config(TEXT_CFG, seed=1)
+    with pytest.raises(TeacherTrainingError, match="different features"):
+        train_unet(data, vae, reseeded, tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+
+
+def test_missing_inputs_fail_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="data set .*missing-data.* not found"):
+        main(["vae", "--data", str(tmp_path / "missing-data"), "--run-dir", str(tmp_path / "run")])
+    with pytest.raises(TeacherTrainingError, match="no trained VAE there"):
+        load_vae(tmp_path)
+    with pytest.raises(TeacherTrainingError, match="--clip .* does not exist"):
+        load_text_encoder(tmp_path / "no-clip")

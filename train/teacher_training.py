@@ -1,0 +1,764 @@
+"""Train the synthetic world's small latent-diffusion teacher, export it, and measure it.
+
+Three phases, each a subcommand (``python -m train.teacher_training {vae,unet,evaluate}``):
+
+* ``vae``: an ``AutoencoderKL`` (64x64 images -> 16x16x4 latents) trained with an L1
+  reconstruction loss plus a small KL term. At the end the latent scaling factor is computed as
+  Stable Diffusion's was (1 / std of the training latents) and stored in the VAE config; the VAE
+  is written to ``RUN_DIR/vae`` and its reconstruction error on images it never trained on to
+  ``RUN_DIR/reconstruction.json``.
+* ``unet``: a ``UNet2DConditionModel`` (epsilon prediction, SD's DDPM schedule) on the cached
+  VAE latent distributions, conditioned on the frozen small CLIP's penultimate token features
+  (all 77 positions: what SD2's UNet sees), with 10 % of captions dropped to ``""`` for
+  classifier-free guidance, min-SNR loss weighting and an EMA of the weights. ``--out`` exports
+  the EMA UNet, the VAE, the scheduler and the CLIP text tower as a Stable-Diffusion-style
+  pipeline folder (``train.teacher.DiffusionTeacher`` and diffusers load it).
+* ``evaluate``: samples one image per held-out caption and guidance scale, lets the judge read
+  it and reports attribute accuracy over the attributes each caption mentions, plus the VAE's
+  reconstruction error on held-out images.
+
+Runs are resumable (``--resume``; ``--kimg`` may grow on resume to extend a run) and
+checkpoint atomically every few minutes; the learning rate is constant after warm-up so an
+extended run is the same run, continued.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from train.run_files import RunFiles
+from train.world_data import WorldData
+
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", clip_sample=False, steps_offset=1)
+# Fixed prompts of the sample grids written while the UNet trains.
+PREVIEW_PROMPTS = ("A young woman with white hair", "A man with red hair wearing sunglasses",
+                   "A bald man wearing earrings", "A smiling old woman with curly black hair")
+
+
+class TeacherTrainingError(ValueError):
+    """A missing or mismatched input of a teacher training phase."""
+
+
+# ---- VAE phase -----------------------------------------------------------------------------------
+
+@dataclass
+class VAEConfig:
+    """AutoencoderKL size and its training settings."""
+    channels: tuple = (16, 32, 64)   # 3 levels: 64x64 -> 16x16 latents
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    latent_channels: int = 4
+    batch: int = 8                   # small batches, high rate: the most steps in a CPU-hours budget
+    lr: float = 1e-3
+    warmup_kimg: float = 0.5
+    kl_weight: float = 1e-6          # relative to the per-pixel L1, as SD's 1e-6 is to its per-pixel loss
+    holdout: int = 200               # last images of the data set, never trained on: reconstruction error
+    seed: int = 0
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+
+
+def build_vae(cfg: VAEConfig, resolution: int):
+    from diffusers import AutoencoderKL
+    from train.tiny_teacher import vae_kwargs
+    factor = 2 ** (len(cfg.channels) - 1)
+    if resolution % factor:
+        raise TeacherTrainingError(f"images of {resolution} px cannot be downsampled by {factor} "
+                                   f"({len(cfg.channels)} VAE levels)")
+    return AutoencoderKL(**vae_kwargs(cfg.channels, resolution, cfg.latent_channels, cfg.norm_groups,
+                                      cfg.layers_per_block))
+
+
+def _warmup_lr(opt: torch.optim.Optimizer, lr: float, nimg: int, warmup_kimg: float) -> None:
+    scale = min(1.0, (nimg + 1) / max(warmup_kimg * 1000, 1))
+    for group in opt.param_groups:
+        group["lr"] = lr * scale
+
+
+def vae_loss(vae, images: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
+    """L1 reconstruction of a posterior sample + ``kl_weight`` x KL per pixel."""
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    l1 = (recon - images).abs().mean()
+    kl = posterior.kl().mean() / images[0].numel()
+    return l1 + kl_weight * kl, {"vae/l1": float(l1.detach()), "vae/kl": float(kl.detach())}
+
+
+@torch.no_grad()
+def reconstruction_error(vae, images: torch.Tensor, batch: int = 64) -> dict:
+    """MSE (images in [0, 1]) and PSNR of the VAE's reconstruction (posterior mean) of images in [-1, 1]."""
+    vae.eval()
+    sq = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        sq.append(((recon - x) / 2).pow(2).flatten(1).mean(1))
+    mse = float(torch.cat(sq).mean())
+    return {"mse": mse, "psnr": 10 * math.log10(1 / mse), "images": len(images)}
+
+
+@torch.no_grad()
+def latent_std(vae, images: torch.Tensor, batch: int = 64) -> float:
+    """Std of the posterior-mean latents over ``images``: SD's scaling factor is its inverse."""
+    vae.eval()
+    means = [vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)]
+    return float(torch.cat(means).std())
+
+
+def _save_pretrained_atomic(model, folder: Path) -> None:
+    """``save_pretrained`` into a sibling temporary folder, then swap it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old.", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def _due(last: float, minutes: float) -> bool:
+    return minutes >= 0 and time.time() - last >= minutes * 60
+
+
+def train_vae(data: WorldData, run_dir, kimg: float, cfg: VAEConfig = VAEConfig(), resume: bool = False,
+              checkpoint_minutes: float = 2.0, checkpoint_steps: int = 0, progress: bool = True,
+              should_stop: Callable[[], bool] | None = None, on_step: Callable[[int], None] | None = None) -> Path:
+    """Train (or continue) the VAE in ``run_dir``; returns the exported ``run_dir/vae`` folder.
+
+    Checkpoints every ``checkpoint_minutes`` (and every ``checkpoint_steps`` steps if > 0).
+    ``should_stop()`` true ends the session early, checkpointed and exported like a finished one
+    (``--resume`` continues towards ``kimg``). ``on_step(step)`` is called after every optimiser
+    step (progress hooks; tests stop a run there).
+    """
+    if len(data) <= cfg.holdout:
+        raise TeacherTrainingError(f"the data set has {len(data)} images; the VAE needs more than its "
+                                   f"{cfg.holdout} held-out ones")
+    run_dir = Path(run_dir)
+    config = {"phase": "vae", "data": data.path, "images": len(data), "vae": asdict(cfg)}
+    run = RunFiles(run_dir, config, total=int(kimg * 1000), resume=resume, progress=progress, desc="vae")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = build_vae(cfg, data.resolution)
+    if run.state is None:  # posterior samples use the global generator (restored on resume)
+        torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    train_count = len(data) - cfg.holdout
+    if run.state is not None:
+        vae.load_state_dict(run.state["vae"])
+        opt.load_state_dict(run.state["opt"])
+        rng.bit_generator.state = run.state["data_rng"]
+    preview = data.float_images(np.arange(train_count, min(train_count + 8, len(data))))
+
+    def checkpoint():
+        run.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "data_rng": rng.bit_generator.state})
+        with torch.no_grad():
+            vae.eval()
+            recon = vae.decode(vae.encode(preview).latent_dist.mean).sample
+            vae.train()
+        run.image_grid("reconstruction", torch.cat([preview, recon]), nrow=len(preview))
+
+    vae.train()
+    last, step = time.time(), 0
+    while not run.done and not (should_stop and should_stop()):
+        idx = rng.choice(train_count, size=cfg.batch, replace=False)
+        _warmup_lr(opt, cfg.lr, run.nimg, cfg.warmup_kimg)
+        loss, stats = vae_loss(vae, data.float_images(idx), cfg.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        run.step(cfg.batch, stats, log=step % 10 == 0 or run.done)
+        if on_step is not None:
+            on_step(step)
+        if _due(last, checkpoint_minutes) or (checkpoint_steps and step % checkpoint_steps == 0):
+            checkpoint()
+            last = time.time()
+    if step:
+        checkpoint()
+    holdout = data.float_images(np.arange(train_count, len(data)))
+    train_images = data.float_images(np.arange(min(train_count, 2048)))
+    std = latent_std(vae, train_images)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    recon = reconstruction_error(vae, holdout)
+    recon.update(scaling_factor=1.0 / std, nimg=run.nimg, held_out="last %d images of %s" % (cfg.holdout, data.path))
+    (run_dir / "reconstruction.json").write_text(json.dumps(recon, indent=1))
+    _save_pretrained_atomic(vae, run_dir / "vae")
+    run.close()
+    return run_dir / "vae"
+
+
+
+# ---- UNet phase ----------------------------------------------------------------------------------
+
+@dataclass
+class UNetConfig:
+    """UNet2DConditionModel size and its training settings."""
+    channels: tuple = (32, 64, 128)   # 16x16, 8x8, 4x4 latents; cross-attention at the two finest levels
+    layers_per_block: int = 1
+    norm_groups: int = 16
+    head_dim: int = 32
+    batch: int = 16                   # small batches, high rate: the most steps in a CPU-hours budget
+    lr: float = 4e-4
+    grad_clip: float = 1.0            # max gradient norm, as SD
+    warmup_kimg: float = 1.0
+    caption_dropout: float = 0.1      # captions replaced by "" (the unconditional branch of guidance)
+    min_snr_gamma: float = 5.0        # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain MSE
+    ema: float = 0.995                # short runs: an EMA over the last ~200 steps
+    seed: int = 0
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        bad = [c for c in self.channels if c % self.head_dim or c % self.norm_groups]
+        if bad:
+            raise TeacherTrainingError(f"UNet channels {bad} must be divisible by head_dim {self.head_dim} "
+                                       f"and norm_groups {self.norm_groups}")
+
+
+def build_unet(cfg: UNetConfig, cross_attention_dim: int, latent_size: int, latent_channels: int):
+    from diffusers import UNet2DConditionModel
+    from train.tiny_teacher import unet_kwargs
+    kwargs = unet_kwargs(cfg.channels, cross_attention_dim, latent_size, latent_channels, cfg.norm_groups,
+                         cfg.layers_per_block, [c // cfg.head_dim for c in cfg.channels])
+    return UNet2DConditionModel(**kwargs, use_linear_projection=True)
+
+
+def drop_captions(captions: Sequence[str], rate: float, rng: np.random.Generator) -> list[str]:
+    """Each caption independently replaced by the empty prompt with probability ``rate``."""
+    keep = rng.random(len(captions)) >= rate
+    return [c if k else "" for c, k in zip(captions, keep)]
+
+
+def load_vae(folder):
+    """A trained VAE folder (``RUN_DIR/vae`` of the vae phase), frozen."""
+    from diffusers import AutoencoderKL
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise TeacherTrainingError(f"--vae {folder}: no trained VAE there (config.json missing); train one with "
+                                   "`python -m train.teacher_training vae ...` and pass its RUN_DIR/vae")
+    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    if vae.config.scaling_factor == AutoencoderKL().config.scaling_factor:
+        raise TeacherTrainingError(f"--vae {folder} carries SD's default scaling_factor, not one measured on "
+                                   "the synthetic world: was its vae phase finished?")
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoder(folder):
+    """The frozen small CLIP's text tower from an open_clip folder (``checkpoints/synthetic-clip``)."""
+    from dreamportrait.text_encoder import TextEncoder
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TeacherTrainingError(f"--clip {folder} does not exist; train the small CLIP first "
+                                   "(README, synthetic world) or pass its folder")
+    return TextEncoder.from_clip_folder(folder)
+
+
+@torch.no_grad()
+def encode_latent_distributions(vae, data: WorldData, batch: int = 128, progress: bool = True) -> torch.Tensor:
+    """(N, 2 * C, h, w) posterior mean and log-variance of every image, encoded once."""
+    out = []
+    starts = range(0, len(data), batch)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="encode latents", unit="batch")
+    for i in starts:
+        out.append(vae.encode(data.float_images(np.arange(i, min(i + batch, len(data))))).latent_dist.parameters)
+    return torch.cat(out)
+
+
+def text_identity(encoder) -> dict:
+    """What a UNet run records of its text encoder: a mismatch on resume is refused."""
+    identity = encoder.describe()
+    return {"width": identity["width"], "context_length": identity["context_length"],
+            "fingerprint": identity["fingerprint"]}
+
+
+def _check_text_encoder(run_dir: Path, identity: dict) -> None:
+    saved_file = run_dir / "config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text()).get("text_encoder", {})
+    for key in ("width", "context_length"):
+        if saved.get(key) != identity[key]:
+            raise TeacherTrainingError(
+                f"--resume: the run in {run_dir} was trained with a text encoder of {key} {saved.get(key)}, this "
+                f"one has {identity[key]}; resume with the same --clip folder or start a new --run-dir")
+    want, got = np.array(saved.get("fingerprint", [])), np.array(identity["fingerprint"])
+    if want.shape != got.shape or np.abs(want - got).max() > 1e-3:
+        raise TeacherTrainingError(
+            f"--resume: the text encoder computes different features than the one the run in {run_dir} was "
+            f"trained with (fingerprint {got.tolist()} vs {want.tolist()}); resume with the same --clip folder "
+            "or start a new --run-dir")
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weight min(SNR, gamma) / SNR for epsilon prediction (1 where gamma is 0)."""
+    if gamma <= 0:
+        return torch.ones(len(t))
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return snr.clamp(max=gamma) / snr
+
+
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(**SD_SCHEDULER)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_unet(data: WorldData, vae, encoder, run_dir, kimg: float, cfg: UNetConfig = UNetConfig(),
+               resume: bool = False, checkpoint_minutes: float = 2.0, checkpoint_steps: int = 0,
+               sample_minutes: float = 10.0, progress: bool = True, vae_path: str = "",
+               should_stop: Callable[[], bool] | None = None, on_step: Callable[[int], None] | None = None):
+    """Train (or continue) the UNet in ``run_dir``; returns the EMA UNet (also saved to ``run_dir/unet``).
+
+    Checkpoints, ``should_stop`` and ``on_step`` as in :func:`train_vae`.
+    """
+    import copy
+    run_dir = Path(run_dir)
+    identity = text_identity(encoder)
+    if resume:
+        _check_text_encoder(run_dir, identity)
+    latent_channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = data.resolution // factor
+    config = {"phase": "unet", "data": data.path, "images": len(data), "vae": vae_path,
+              "vae_scaling_factor": float(vae.config.scaling_factor), "text_encoder": identity, "unet": asdict(cfg)}
+    run = RunFiles(run_dir, config, total=int(kimg * 1000), resume=resume, progress=progress, desc="unet")
+    cache, key = run_dir / "latents.pt", {"vae": vae_path, "scaling_factor": config["vae_scaling_factor"],
+                                          "images": len(data)}
+    saved = torch.load(cache) if cache.is_file() else None
+    if saved is not None and saved["key"] == key:
+        moments = saved["moments"]
+    else:
+        moments = encode_latent_distributions(vae, data, progress=progress)
+        torch.save({"key": key, "moments": moments}, cache.with_suffix(".tmp"))
+        os.replace(cache.with_suffix(".tmp"), cache)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet = build_unet(cfg, encoder.width, latent_size, latent_channels)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    if run.state is None:  # noise and timesteps use the global generator (restored on resume)
+        torch.manual_seed(cfg.seed)
+    else:
+        unet.load_state_dict(run.state["unet"])
+        ema.load_state_dict(run.state["ema"])
+        opt.load_state_dict(run.state["opt"])
+        rng.bit_generator.state = run.state["data_rng"]
+    scheduler = ddpm_scheduler()
+    alphas = scheduler.alphas_cumprod
+    scale = float(vae.config.scaling_factor)
+
+    def checkpoint():
+        run.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                  "data_rng": rng.bit_generator.state})
+
+    unet.train()
+    last_ckpt = last_sample = time.time()
+    step = 0
+    while not run.done and not (should_stop and should_stop()):
+        idx = rng.choice(len(data), size=cfg.batch, replace=False)
+        prompts = drop_captions(data.random_captions(idx, rng), cfg.caption_dropout, rng)
+        mean, logvar = moments[idx].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scale
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, len(alphas), (cfg.batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        context = encoder(prompts).tokens
+        _warmup_lr(opt, cfg.lr, run.nimg, cfg.warmup_kimg)
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        per_sample = (pred - noise).pow(2).flatten(1).mean(1)
+        loss = (per_sample * min_snr_weight(alphas, t, cfg.min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        done_steps = run.nimg // cfg.batch + 1  # counted over the whole run, so resuming changes nothing
+        update_ema(ema, unet, min(cfg.ema, (1 + done_steps) / (10 + done_steps)))
+        run.step(cfg.batch, {"unet/loss": float(loss.detach()), "unet/mse": float(per_sample.mean().detach()),
+                             "unet/dropped": sum(p == "" for p in prompts) / len(prompts)},
+                 log=step % 10 == 0 or run.done)
+        if on_step is not None:
+            on_step(step)
+        if _due(last_ckpt, checkpoint_minutes) or (checkpoint_steps and step % checkpoint_steps == 0):
+            checkpoint()
+            last_ckpt = time.time()
+        if _due(last_sample, sample_minutes):
+            run.image_grid("samples", sample_images(ema, vae, encoder, PREVIEW_PROMPTS, [0, 1], 5.0, 20), nrow=2)
+            last_sample = time.time()
+    if step:
+        checkpoint()
+        run.image_grid("samples", sample_images(ema, vae, encoder, PREVIEW_PROMPTS, [0, 1], 5.0, 20), nrow=2)
+    _save_pretrained_atomic(ema, run_dir / "unet")
+    run.close()
+    return ema
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+def seed_noise(seeds: Sequence[int], channels: int, size: int) -> torch.Tensor:
+    """Initial latents (len(seeds), C, size, size): seed s always gives the same latent."""
+    return torch.cat([torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(int(s)))
+                      for s in seeds])
+
+
+@torch.no_grad()
+def denoise(unet, vae, text: torch.Tensor, empty: torch.Tensor, noise: torch.Tensor, guidance: float,
+            steps: int) -> torch.Tensor:
+    """DDIM (eta 0) from ``noise`` with classifier-free guidance; images in [-1, 1].
+
+    ``text`` (B, L, D) conditions latent b; ``empty`` (1, L, D) is the empty prompt's encoding.
+    ``guidance`` 1 runs the text branch only (eps_text).
+    """
+    from diffusers import DDIMScheduler
+    was_training = unet.training
+    unet.eval()
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    latents, empty = noise, empty.expand_as(text)
+    for t in scheduler.timesteps:
+        tt = t.expand(len(latents))
+        if guidance == 1:
+            eps = unet(latents, tt, encoder_hidden_states=text).sample
+        else:
+            eps_u, eps_c = unet(torch.cat([latents, latents]), torch.cat([tt, tt]),
+                                encoder_hidden_states=torch.cat([empty, text])).sample.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    unet.train(was_training)
+    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def sample_images(unet, vae, encode, prompts: Sequence[str], seeds: Sequence[int], guidance: float,
+                  steps: int) -> torch.Tensor:
+    """Every prompt with every seed, prompt-major (all seeds of prompt 0 first).
+
+    ``encode`` maps a list of prompts to (B, L, D) conditioning: a ``TextEncoder`` (its
+    ``.tokens`` are used) or ``DiffusionTeacher.encode_prompts``.
+    """
+    text = _encode(encode, prompts).repeat_interleave(len(seeds), dim=0)
+    noise = seed_noise(seeds, unet.config.in_channels, unet.config.sample_size).repeat(len(prompts), 1, 1, 1)
+    return denoise(unet, vae, text, _encode(encode, [""]), noise, guidance, steps)
+
+
+def _encode(encode, prompts: Sequence[str]) -> torch.Tensor:
+    out = encode(list(prompts))
+    return out.tokens if hasattr(out, "tokens") else out
+
+# ---- export ------------------------------------------------------------------------------------
+
+def export_teacher(unet, vae, encoder, out, logs: dict | None = None, tolerance: float = 1e-4,
+                   half: bool = True) -> Path:
+    """Write the teacher as a Stable-Diffusion-style pipeline folder, atomically, and check that its
+    text encoder computes the CLIP's features (``TextEncoder.from_sd_pipeline`` vs ``encoder``).
+
+    ``half`` stores the UNet and VAE weights in fp16 (diffusers and ``DiffusionTeacher`` load them
+    back as fp32) so that the folder stays small: the text encoder, kept in fp32 for exact
+    features, is dominated by CLIP's 49408-token embedding. ``logs`` maps file names to run logs
+    copied into ``out/logs/``. An existing teacher folder at ``out`` is replaced; any other
+    existing path is refused.
+    """
+    import copy
+    from dreamportrait.text_encoder import TextEncoder, clip_tokenizer_for_transformers, to_clip_text_model
+    from train.tiny_teacher import save_teacher_folder
+    out = Path(out)
+    if out.exists() and not (out / "model_index.json").is_file():
+        raise FileExistsError(f"--out {out} exists and is not a teacher folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        folder = save_teacher_folder(
+            dict(unet=copy.deepcopy(unet).half() if half else unet, vae=copy.deepcopy(vae).half() if half else vae,
+                 scheduler=ddpm_scheduler(), text_encoder=to_clip_text_model(encoder.tower),
+                 tokenizer=clip_tokenizer_for_transformers(encoder.context_length)), staging / out.name)
+        (folder / "text_encoder" / "dreamportrait_source.json").write_text(json.dumps(encoder.describe(), indent=2))
+        prompts = ["", "A bald man wearing earrings", "a smiling young woman with long curly red hair"]
+        diff = float((TextEncoder.from_sd_pipeline(folder)(prompts).tokens - encoder(prompts).tokens).abs().max())
+        if diff > tolerance:
+            raise RuntimeError(f"the exported text encoder differs from the CLIP's by {diff:.2e} (> {tolerance})")
+        for name, source in (logs or {}).items():
+            (folder / "logs").mkdir(exist_ok=True)
+            shutil.copyfile(source, folder / "logs" / name)
+        (folder / "export.json").write_text(json.dumps({"text_encoder": encoder.describe(),
+                                                         "text_feature_max_abs_diff": diff,
+                                                         "unet_vae_stored_as": "float16" if half else "float32"},
+                                                        indent=1))
+        if out.exists():
+            os.replace(out, staging / "old")
+        os.replace(folder, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Sequence[float], num: int, steps: int,
+                     seed: int = 0, batch: int = 25, progress: bool = True) -> dict:
+    """Attribute accuracy of teacher samples, read by the judge, per data set and guidance scale.
+
+    For ``num`` seeded held-out items of each data set, one image per caption (its evaluation
+    caption, seed = item index) at every guidance scale; accuracy over the attributes each
+    caption mentions. Plus, on those items' real images, the VAE's reconstruction error and the
+    judge's accuracy (the ceiling of the teacher's).
+    """
+    from train.evaluate import attribute_accuracy, load_items
+    unet, empty = teacher.unet, teacher.uncond_embedding()
+    results = {"steps": steps, "num": num, "sets": {}}
+    for path in data_paths:
+        items = load_items(path, num, seed)
+        if items.mentioned is None:
+            raise TeacherTrainingError(f"{path} has no attributes.json; evaluation needs a synthetic-world data set")
+        real = torch.stack([items.dataset[i]["image"] for i in items.indices])
+        entry = {"reconstruction": reconstruction_error(teacher.vae, real), "guidance": {},
+                 "real": attribute_accuracy(judge.decode(judge.predict(real)), items.mentioned)}
+        for guidance in guidances:
+            t0, predicted = time.time(), []
+            chunks = range(0, num, batch)
+            if progress:
+                from tqdm import tqdm
+                chunks = tqdm(chunks, desc=f"{Path(path).name} guidance {guidance}", unit="batch")
+            for start in chunks:
+                captions = items.captions[start:start + batch]
+                noise = seed_noise(range(start, start + len(captions)), unet.config.in_channels,
+                                   unet.config.sample_size)
+                images = denoise(unet, teacher.vae, teacher.encode_prompts(captions), empty, noise, guidance, steps)
+                predicted += judge.decode(judge.predict(images))
+            accuracy = attribute_accuracy(predicted, items.mentioned)
+            accuracy["seconds"] = round(time.time() - t0, 1)
+            entry["guidance"][str(guidance)] = accuracy
+        results["sets"][path] = entry
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Markdown per data set: one row per attribute (and the mean), one column per guidance scale."""
+    lines = []
+    for path, entry in results["sets"].items():
+        rec, scales = entry["reconstruction"], list(entry["guidance"])
+        names = sorted({n for acc in entry["guidance"].values() for n in acc["per_attribute"]})
+        lines += [f"**{path}**: {results['num']} captions, {results['steps']} DDIM steps; VAE reconstruction of "
+                  f"its images: MSE {rec['mse']:.5f}, PSNR {rec['psnr']:.2f} dB", "",
+                  "| attribute (captions) | real images | " + " | ".join(f"guidance {g}" for g in scales) + " |",
+                  "|---" * (len(scales) + 2) + "|",
+                  f"| **mean** | {100 * entry['real']['mean']:.1f} | "
+                  + " | ".join(f"**{100 * entry['guidance'][g]['mean']:.1f}**" for g in scales) + " |"]
+        for name in names:
+            count = entry["real"]["counts"][name]
+            cells = [f"{100 * acc['per_attribute'][name]:.1f}" for acc in [entry["real"]] + list(entry["guidance"].values())]
+            lines.append(f"| {name} ({count}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def _load_data(path: str) -> WorldData:
+    from train.data import DatasetError
+    try:
+        return WorldData.load(path)
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+def _stop_condition(args) -> Callable[[], bool] | None:
+    """``--stop-at HH:MM`` (the next such time on the machine's clock) and ``--stop-when-exists PATH``."""
+    import datetime as dt
+    deadline, path = None, args.stop_when_exists
+    if args.stop_at:
+        try:
+            hour, minute = (int(part) for part in args.stop_at.split(":"))
+            now = dt.datetime.now()
+            when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        except ValueError as error:
+            raise TeacherTrainingError(f"--stop-at {args.stop_at!r} is not a time of day HH:MM") from error
+        deadline = (when if when > now else when + dt.timedelta(days=1)).timestamp()
+    if deadline is None and path is None:
+        return None
+    return lambda: (deadline is not None and time.time() >= deadline) or (path is not None and os.path.exists(path))
+
+
+def _cmd_vae(args) -> None:
+    cfg = VAEConfig(channels=tuple(args.channels), batch=args.batch, lr=args.lr, seed=args.seed)
+    should_stop = _stop_condition(args)
+    data = _load_data(args.data)
+    t0 = time.time()
+    folder = train_vae(data, args.run_dir, args.kimg, cfg, resume=args.resume,
+                       checkpoint_minutes=args.checkpoint_minutes, progress=not args.no_progress,
+                       should_stop=should_stop)
+    recon = json.loads((Path(args.run_dir) / "reconstruction.json").read_text())
+    print(f"VAE written to {folder} in {time.time() - t0:.0f} s; held-out reconstruction: MSE {recon['mse']:.5f}, "
+          f"PSNR {recon['psnr']:.2f} dB; scaling_factor {recon['scaling_factor']:.5f}")
+
+
+def _cmd_unet(args) -> None:
+    cfg = UNetConfig(channels=tuple(args.channels), layers_per_block=args.layers_per_block,
+                     norm_groups=args.norm_groups, batch=args.batch, lr=args.lr, seed=args.seed)
+    should_stop = _stop_condition(args)
+    data = _load_data(args.data)
+    vae = load_vae(args.vae)
+    encoder = load_text_encoder(args.clip)
+    t0 = time.time()
+    ema = train_unet(data, vae, encoder, args.run_dir, args.kimg, cfg, resume=args.resume,
+                     checkpoint_minutes=args.checkpoint_minutes, progress=not args.no_progress, vae_path=args.vae,
+                     should_stop=should_stop)
+    print(f"UNet trained in {time.time() - t0:.0f} s; EMA weights in {Path(args.run_dir) / 'unet'}")
+    if args.out:
+        logs = {"unet-log.jsonl": Path(args.run_dir) / "log.jsonl"}
+        vae_log = Path(args.vae).parent / "log.jsonl"
+        if vae_log.is_file():
+            logs["vae-log.jsonl"] = vae_log
+            logs["vae-reconstruction.json"] = Path(args.vae).parent / "reconstruction.json"
+        folder = export_teacher(ema, vae, encoder, args.out, logs)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"teacher folder written to {folder} ({size / 2 ** 20:.1f} MiB)")
+
+
+def _cmd_evaluate(args) -> None:
+    from train.judge import AttributeClassifier
+    from train.teacher import DiffusionTeacher
+    teacher = DiffusionTeacher.from_pretrained(args.teacher)
+    judge = AttributeClassifier.from_pretrained(args.judge)
+    data = [args.data] + ([args.data2] if args.data2 else [])
+    results = evaluate_teacher(teacher, judge, data, args.guidance, args.num, args.steps, args.seed,
+                               progress=not args.no_progress)
+    results.update(teacher=args.teacher, judge=args.judge)
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, args.out)
+
+
+def _cmd_bench(args) -> None:
+    """Median images/s of training steps on random inputs at the run's model sizes."""
+    from statistics import median
+    from dreamportrait.text_encoder import TextEncoder
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=g) * 2 - 1
+    if args.phase == "vae":
+        cfg = VAEConfig(channels=tuple(args.channels or VAEConfig.channels))
+        model = build_vae(cfg, args.resolution)
+
+        def step():
+            return vae_loss(model, images, cfg.kl_weight)[0]
+    else:
+        cfg = UNetConfig(channels=tuple(args.channels or UNetConfig.channels), norm_groups=args.norm_groups)
+        encoder = (load_text_encoder(args.clip) if args.clip else
+                   TextEncoder.from_config({"context_length": 77, "vocab_size": 49408, "width": 128,
+                                            "heads": 4, "layers": 4}))
+        size = args.resolution // 4
+        model = build_unet(cfg, encoder.width, size, 4)
+        latents = torch.randn(args.batch, 4, size, size, generator=g)
+        prompts = ["A smiling young woman with long curly red hair wearing earrings"] * args.batch
+
+        def step():
+            t = torch.randint(0, 1000, (args.batch,), generator=g)
+            return (model(latents, t, encoder_hidden_states=encoder(prompts).tokens).sample - latents).pow(2).mean()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    rates = []
+    for _ in range(args.repeats + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        loss = step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rates.append(args.batch / (time.perf_counter() - t0))
+    print(json.dumps({"phase": args.phase, "batch": args.batch, "threads": torch.get_num_threads(),
+                      "img_per_s_median": round(median(rates[1:]), 2), "img_per_s": [round(r, 2) for r in rates[1:]],
+                      "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                      "load_average": os.getloadavg()}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap = argparse.ArgumentParser(prog="python -m train.teacher_training", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def run_args(p, default_kimg):
+        p.add_argument("--data", required=True, help="synthetic-world data set (python -m dreamportrait.synthetic)")
+        p.add_argument("--run-dir", required=True, help="run folder (config, state.pt, logs, samples)")
+        p.add_argument("--kimg", type=float, default=default_kimg, help="thousands of images to train on in all")
+        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (--kimg may grow)")
+        p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="minutes between checkpoints")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--stop-at", metavar="HH:MM", help="end this session at that machine time, checkpointed "
+                       "and exported; --resume continues towards --kimg")
+        p.add_argument("--stop-when-exists", metavar="PATH", help="end this session (likewise) once PATH exists, "
+                       "e.g. the CLIP folder the unet phase waits for")
+
+    p = sub.add_parser("vae", help="train the AutoencoderKL")
+    run_args(p, 12)
+    p.add_argument("--channels", type=int, nargs="+", default=list(VAEConfig.channels))
+    p.add_argument("--batch", type=int, default=VAEConfig.batch)
+    p.add_argument("--lr", type=float, default=VAEConfig.lr)
+    p.set_defaults(func=_cmd_vae)
+
+    p = sub.add_parser("unet", help="train the UNet on the VAE's latents; --out exports the teacher folder")
+    run_args(p, 100)
+    p.add_argument("--vae", required=True, help="trained VAE folder (RUN_DIR/vae of the vae phase)")
+    p.add_argument("--clip", required=True, help="the small CLIP's open_clip folder (checkpoints/synthetic-clip)")
+    p.add_argument("--out", help="write the teacher pipeline folder here when training ends")
+    p.add_argument("--channels", type=int, nargs="+", default=list(UNetConfig.channels))
+    p.add_argument("--layers-per-block", type=int, default=UNetConfig.layers_per_block)
+    p.add_argument("--norm-groups", type=int, default=UNetConfig.norm_groups)
+    p.add_argument("--batch", type=int, default=UNetConfig.batch)
+    p.add_argument("--lr", type=float, default=UNetConfig.lr)
+    p.set_defaults(func=_cmd_unet)
+
+    p = sub.add_parser("evaluate", help="attribute accuracy of teacher samples (read by the judge)")
+    p.add_argument("--teacher", required=True, help="teacher pipeline folder")
+    p.add_argument("--judge", required=True, help="attribute classifier (.safetensors)")
+    p.add_argument("--data", required=True, help="held-out synthetic data set (captions + attributes)")
+    p.add_argument("--data2", help="a second held-out data set")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.5, 15.0])
+    p.add_argument("--num", type=int, default=200, help="captions per data set")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0, help="which items are drawn")
+    p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("bench", help="median images/s of one phase's training step (random inputs)")
+    p.add_argument("phase", choices=["vae", "unet"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--channels", type=int, nargs="+")
+    p.add_argument("--norm-groups", type=int, default=UNetConfig.norm_groups)
+    p.add_argument("--clip", help="text encoder of the UNet step (default: a random one of the small CLIP's size)")
+    p.set_defaults(func=_cmd_bench)
+
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except (TeacherTrainingError, FileNotFoundError, FileExistsError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
