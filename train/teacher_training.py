@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from dreamportrait.checkpoints import atomic_folder
 from train.run_files import RunFiles
 from train.world_data import WorldData
 
@@ -119,17 +120,9 @@ def latent_std(vae, images: torch.Tensor, batch: int = 64) -> float:
 
 
 def _save_pretrained_atomic(model, folder: Path) -> None:
-    """``save_pretrained`` into a sibling temporary folder, then swap it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    model.save_pretrained(tmp)
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old.", dir=folder.parent))
-        os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    """``save_pretrained`` into a staging folder swapped into place (see ``atomic_folder``)."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
 
 
 def _due(last: float, minutes: float) -> bool:

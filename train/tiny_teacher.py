@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dreamportrait.checkpoints import atomic_folder
 
 # Merges used by CLIP: all lines of the BPE file after its header, up to 49152 - 256 - 2 tokens.
 _CLIP_NUM_MERGES = 49152 - 256 - 2
@@ -147,20 +147,11 @@ def save_teacher_folder(components: dict, folder: str | os.PathLike) -> Path:
     """
     from diffusers import StableDiffusionPipeline
 
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} already exists; remove it or choose another folder for the teacher")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     pipeline = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    try:
+    with atomic_folder(folder, replace=False) as staging:
         pipeline.save_pretrained(staging)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def write_tiny_teacher_folder(folder: str | os.PathLike, config: TinyTeacherConfig = TinyTeacherConfig()) -> Path:
