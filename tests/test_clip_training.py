@@ -9,7 +9,7 @@ from clip_reference import hand_run
 from dreamportrait.synthetic.attributes import sample_identities
 from dreamportrait.synthetic.captions import make_caption, mentionable, parse_caption
 from dreamportrait.text_encoder import TextEncoder, save_sd_text_encoder
-from train.clip_training import (SMALL_CLIP_CONFIG, build_clip, retrieval, save_clip_folder, train)
+from world.clip_training import (SMALL_CLIP_CONFIG, build_clip, retrieval, save_clip_folder, train)
 from train.data import DatasetError
 from train_data import write_tiny_dataset
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.curves import main, read_series, smooth
+from world.curves import main, read_series, smooth
 
 
 def test_smooth_is_a_trailing_moving_average():

@@ -8,7 +8,7 @@ import torch
 
 from train.distribution_sds import DistributionSDS, DistributionSDSConfig, rescale_to_gaussian_norm
 from train.teacher import DiffusionTeacher, TeacherError
-from train.tiny_teacher import TinyTeacherConfig, build_tiny_components, write_tiny_teacher_folder
+from world.tiny_teacher import TinyTeacherConfig, build_tiny_components, write_tiny_teacher_folder
 
 TINY = TinyTeacherConfig()
 PROMPTS = ["a smiling woman with blond hair", "an old man wearing glasses"]

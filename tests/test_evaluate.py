@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from dreamportrait.checkpoints import CheckpointError
 from dreamportrait.synthetic.attributes import ATTRIBUTES, sample_identities
+from dreamportrait.synthetic.judge import IGNORE, AttributeClassifier, JudgeConfig
 from train import evaluate as ev
-from train.judge import IGNORE, AttributeClassifier, JudgeConfig, train_step
+from world.judge_training import train_step
 
 TINY_JUDGE = dict(resolution=32, channels=(8, 8, 8), feature_dim=32)
 

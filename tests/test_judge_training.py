@@ -1,4 +1,4 @@
-"""Training and evaluating the judge (train/judge_training.py) on a tiny rendered data set (CPU, seconds)."""
+"""Training and evaluating the judge (world/judge_training.py) on a tiny rendered data set (CPU, seconds)."""
 import json
 import math
 import os
@@ -14,9 +14,10 @@ import torch
 
 from dreamportrait.synthetic.attributes import ATTRIBUTES
 from dreamportrait.synthetic.dataset_writer import write_dataset
-from train import judge_training as jt
-from train.judge import AttributeClassifier, JudgeConfig, train_step
-from train.world_data import WorldData
+from dreamportrait.synthetic.judge import AttributeClassifier, JudgeConfig
+from world import judge_training as jt
+from world.data import WorldData
+from world.judge_training import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_JUDGE = dict(resolution=32, channels=(8, 16), feature_dim=32)
@@ -76,7 +77,7 @@ def test_random_shift_translates_without_changing_content():
 
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, reference_run, tmp_path):
     run_dir = tmp_path / "killed"
-    code = ("import torch; torch.set_num_threads(1); from train.judge_training import train_judge; "
+    code = ("import torch; torch.set_num_threads(1); from world.judge_training import train_judge; "
             f"train_judge({str(data)!r}, {str(run_dir)!r}, progress=False, checkpoint_seconds=0, **{RUN!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

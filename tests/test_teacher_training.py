@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dreamportrait.text_encoder import TextEncoder
-from train.teacher_training import (TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher,
+from world.teacher_training import (TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher,
                                     load_text_encoder, load_vae, main, train_unet, train_vae)
-from train.world_data import WorldData
+from world.data import WorldData
 
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 VAE_CFG = VAEConfig(channels=(8, 8), norm_groups=4, batch=4, holdout=8)

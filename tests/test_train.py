@@ -16,7 +16,7 @@ from train_data import write_tiny_dataset
 from train import setup
 from train.config import PRESETS, STAGES, apply_overrides, preset, validate
 from train.gan_loss import GANLoss
-from train.tiny_teacher import write_tiny_teacher_folder
+from world.tiny_teacher import write_tiny_teacher_folder
 
 FAST = ["batch=4", "snapshot_every_kimg=0.008", "image_every_kimg=1000",
         "gan.blur_init_sigma=1.0", "text.open_clip_folder=null",

@@ -142,7 +142,7 @@ PRESETS: dict[str, TrainConfig] = {
                           gpc_reg_fade_kimg=5.0, neural_rendering_resolution_initial=32),
         optim=OptimConfig(g_lr=0.0025, d_lr=0.002, ema_kimg=1.0, ema_rampup=0.05),
         text=TextConfig(open_clip_folder="checkpoints/synthetic-clip", adapter_resolutions=(4, 8, 16, 32, 64)),
-        sds=DistributionSDSConfig(guidance_scale=7.5),  # the small teacher's best scale (train/RESULTS.md, §3)
+        sds=DistributionSDSConfig(guidance_scale=7.5),  # the small teacher's best scale (world/RESULTS.md, §3)
         teacher="checkpoints/synthetic-teacher",
         prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior/final.safetensors"),
         stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1/final.safetensors", grad_accum=1),

@@ -337,7 +337,7 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None,
     from tqdm.auto import tqdm
 
     from dreamportrait.pipeline import DreamPortraitPipeline
-    from train.judge import AttributeClassifier
+    from dreamportrait.synthetic.judge import AttributeClassifier
 
     items = load_items(data, num, seed)
     pipe = DreamPortraitPipeline.from_pretrained(checkpoint, device=device)

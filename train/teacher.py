@@ -6,7 +6,7 @@ A teacher is the five components of a diffusers Stable Diffusion pipeline folder
 ``alphas_cumprod`` and ``add_noise`` are used), ``text_encoder`` (``CLIPTextModel``) and
 ``tokenizer`` (``CLIPTokenizer``). Paper scale: ``stabilityai/stable-diffusion-2-base`` from a
 local folder or the Hugging Face cache (never downloaded here); synthetic world: a local folder
-(see ``train.tiny_teacher``).
+(see ``world.tiny_teacher``).
 
 All components are frozen (eval mode, ``requires_grad_(False)``) and no gradient is ever
 stored in them. The U-Net and text encoder may run in half precision (``dtype``); the VAE

@@ -1,8 +1,9 @@
-"""Train and evaluate the synthetic world's judge (the attribute classifier of train/judge.py).
+"""Train and evaluate the synthetic world's judge (the attribute classifier of
+dreamportrait/synthetic/judge.py).
 
-    python -m train.judge_training --data data/synthetic-64-12k --run-dir runs/judge --kimg 200 \\
+    python -m world.judge_training --data data/synthetic-64-12k --run-dir runs/judge --kimg 200 \\
         [--batch 64] [--lr 1e-3] [--seed 0] [--resume] [--export checkpoints/synthetic-judge/judge.safetensors]
-    python -m train.judge_training evaluate --judge checkpoints/synthetic-judge/judge.safetensors \\
+    python -m world.judge_training evaluate --judge checkpoints/synthetic-judge/judge.safetensors \\
         --num 300 --seed 3 --out checkpoints/synthetic-judge/eval.json
 
 Training reads a synthetic-world data set with its true attributes (an invisible attribute has
@@ -37,12 +38,12 @@ import torch.nn.functional as F
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import CheckpointError
 from dreamportrait.synthetic.attributes import heldout_pairs, sample_identities
+from dreamportrait.synthetic.judge import AttributeClassifier, JudgeConfig
 from dreamportrait.synthetic.render import HeadBatch, render, to_uint8
 from train.data import DatasetError
 from train.evaluate import attribute_accuracy, write_json
-from train.judge import AttributeClassifier, JudgeConfig, train_step
 from train.run_files import RunFiles
-from train.world_data import WorldData
+from world.data import WorldData
 
 VIEWS = {"frontal": (0.0, 0.0), "yaw -30": (-30.0, 0.0), "yaw +30": (30.0, 0.0)}  # name -> (yaw, pitch)
 CHECKPOINT_SECONDS = 90.0
@@ -93,6 +94,17 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
     padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
     offsets = torch.randint(0, 2 * shift + 1, (len(images), 2), generator=generator).tolist()
     return torch.stack([p[:, dy:dy + h, dx:dx + w] for p, (dy, dx) in zip(padded, offsets)])
+
+
+def train_step(model: AttributeClassifier, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               targets: Mapping[str, torch.Tensor]) -> float:
+    """One optimisation step on a batch; returns the loss before the step."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = model.loss(images, targets)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def learning_rate(cfg: Mapping, step: int, total_steps: int) -> float:
@@ -235,8 +247,8 @@ def markdown_table(results: Mapping) -> str:
 # ---- command line ------------------------------------------------------------------------------------
 
 def _train_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.judge_training", description="Train the judge.",
-                                 epilog="`python -m train.judge_training evaluate --help` for evaluation.")
+    ap = argparse.ArgumentParser(prog="python -m world.judge_training", description="Train the judge.",
+                                 epilog="`python -m world.judge_training evaluate --help` for evaluation.")
     ap.add_argument("--data", required=True, help="synthetic-world data set (folder or .zip) with attributes.json")
     ap.add_argument("--run-dir", required=True, help="run folder (state.pt, log.jsonl, tensorboard, judge.safetensors)")
     ap.add_argument("--kimg", type=float, required=True, help="thousands of training images to see")
@@ -259,7 +271,7 @@ def _train_main(argv) -> int:
 
 
 def _evaluate_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.judge_training evaluate",
+    ap = argparse.ArgumentParser(prog="python -m world.judge_training evaluate",
                                  description="Judge accuracy on new renders, frontal and at yaw -30 / +30.")
     ap.add_argument("--judge", required=True, help="judge .safetensors")
     ap.add_argument("--num", type=int, default=300, help="identities to render (default 300)")

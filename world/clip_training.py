@@ -9,9 +9,9 @@ context 77) and trained with open_clip's ``ClipLoss``. Saved as an open_clip fol
 (``open_clip_config.json`` + ``open_clip_model.safetensors``), which open_clip itself loads as
 ``local-dir:FOLDER``.
 
-    python -m train.clip_training train --data data/synthetic-64-12k --run-dir runs/clip --kimg 80 \\
+    python -m world.clip_training train --data data/synthetic-64-12k --run-dir runs/clip --kimg 80 \\
         --out checkpoints/synthetic-clip
-    python -m train.clip_training evaluate --clip checkpoints/synthetic-clip --data data/heldout-ids-64
+    python -m world.clip_training evaluate --clip checkpoints/synthetic-clip --data data/heldout-ids-64
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 from dreamportrait.checkpoints import atomic_folder
 from dreamportrait.synthetic.captions import make_caption, mentionable
 from train.run_files import RunFiles
-from train.world_data import WorldData
+from world.data import WorldData
 
 # Towers for 64x64 portraits: 8x8 patches (64 image tokens); a narrow text tower, since CLIP's
 # 49408-token embedding dominates its size (the folder is stored in float16, < 40 MB).
@@ -205,7 +205,7 @@ def evaluate(clip_folder: str, data_path: str, num: int = 100, groups: int = 1) 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.clip_training", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m world.clip_training", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or --resume) the small CLIP")
     t.add_argument("--data", required=True)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-after-kimg", type=float, help="stop early (after a checkpoint); --resume continues")
     t.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast (default float32: on this CPU it was 20x slower, see train/RESULTS.md)")
+                   help="bf16 autocast (default float32: on this CPU it was 20x slower, see world/RESULTS.md)")
     e = sub.add_parser("evaluate", help="top-1/top-5 retrieval on held-out identities")
     e.add_argument("--clip", required=True)
     e.add_argument("--data", required=True, nargs="+")

@@ -160,9 +160,9 @@ def write_tiny_teacher_folder(folder: str | os.PathLike, config: TinyTeacherConf
 
 
 def main(argv=None) -> int:
-    """``python -m train.tiny_teacher --out DIR [--image-size 32]``: write a randomly initialised tiny teacher."""
+    """``python -m world.tiny_teacher --out DIR [--image-size 32]``: write a randomly initialised tiny teacher."""
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m train.tiny_teacher", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m world.tiny_teacher", description=main.__doc__)
     ap.add_argument("--out", required=True, help="folder to create (must not exist)")
     ap.add_argument("--image-size", type=int, default=TinyTeacherConfig.image_size, help="teacher image size")
     ap.add_argument("--seed", type=int, default=0, help="initialisation seed")

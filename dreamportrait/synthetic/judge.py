@@ -5,7 +5,8 @@ attribute that cannot be seen (``None``, e.g. hair colour when bald) has no targ
 encoded as :data:`IGNORE` and skipped by the loss. The judge measures text-to-3D alignment
 (per-attribute accuracy) and, in the synthetic world, its penultimate features stand in for
 Inception's in FID. Its file stores the vocabulary it was trained on, so a judge from an older
-world fails loudly instead of silently reading attributes by the wrong index.
+world fails loudly instead of silently reading attributes by the wrong index. Trained by
+``python -m world.judge_training``.
 """
 from __future__ import annotations
 
@@ -188,13 +189,3 @@ class AttributeClassifier(nn.Module):
                                   f"({problem}); retrain it")
         return model.to(device).eval()
 
-
-def train_step(model: AttributeClassifier, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               targets: Mapping[str, torch.Tensor]) -> float:
-    """One optimisation step on a batch; returns the loss before the step."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss = model.loss(images, targets)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())

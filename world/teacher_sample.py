@@ -1,6 +1,6 @@
 """Sample image grids from a Stable-Diffusion-style teacher folder (rows: prompts, columns: seeds).
 
-    python -m train.teacher_sample --teacher checkpoints/synthetic-teacher \\
+    python -m world.teacher_sample --teacher checkpoints/synthetic-teacher \\
         --prompt "A bald man wearing earrings" --prompt "A young woman with white hair" \\
         --seeds 0-7 --guidance 7.5 --steps 50 --out assets/teacher_samples.png
 
@@ -36,7 +36,7 @@ def parse_seeds(text: str) -> list[int]:
 def sample_teacher(teacher, prompts: Sequence[str], seeds: Sequence[int], guidance: float,
                    steps: int) -> torch.Tensor:
     """Images in [-1, 1], prompt-major, from a loaded ``DiffusionTeacher``."""
-    from train.teacher_training import sample_images
+    from world.teacher_training import sample_images
     return sample_images(teacher.unet, teacher.vae, teacher.encode_prompts, prompts, seeds, guidance, steps)
 
 
@@ -58,7 +58,7 @@ def labelled_grid(images: torch.Tensor, prompts: Sequence[str], columns: int, sc
 
 def main(argv: Sequence[str] | None = None) -> Path:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap = argparse.ArgumentParser(prog="python -m train.teacher_sample", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m world.teacher_sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="Stable-Diffusion-style pipeline folder")
     ap.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
     ap.add_argument("--seeds", default="0-3", help="columns: 0-7, 3 or 1,4,9")

@@ -1,6 +1,6 @@
 """Training curves (a logged value against images seen) drawn as PNG panels with PIL alone.
 
-    python -m train.curves --out assets/curves.png runs/clip/log.jsonl:clip/loss \\
+    python -m world.curves --out assets/curves.png runs/clip/log.jsonl:clip/loss \\
         runs/judge/log.jsonl:train/loss
 
 Each ``LOG:KEY`` becomes one panel: the raw values in light grey and a moving average on top,
@@ -63,7 +63,7 @@ def panel(title: str, x: np.ndarray, y: np.ndarray) -> Image.Image:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.curves", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m world.curves", description=__doc__.splitlines()[0])
     ap.add_argument("series", nargs="+", help="LOG.jsonl:KEY[:TITLE]")
     ap.add_argument("--out", required=True)
     ap.add_argument("--cols", type=int, default=3)

@@ -1,6 +1,6 @@
 """Train the synthetic world's small latent-diffusion teacher, export it, and measure it.
 
-Three phases, each a subcommand (``python -m train.teacher_training {vae,unet,evaluate}``):
+Three phases, each a subcommand (``python -m world.teacher_training {vae,unet,evaluate}``):
 
 * ``vae``: an ``AutoencoderKL`` (64x64 images -> 16x16x4 latents) trained with an L1
   reconstruction loss plus a small KL term. At the end the latent scaling factor is computed as
@@ -39,7 +39,8 @@ import torch
 
 from dreamportrait.checkpoints import atomic_folder
 from train.run_files import RunFiles
-from train.world_data import WorldData
+from world.data import WorldData
+from world.tiny_teacher import save_teacher_folder, unet_kwargs, vae_kwargs
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
@@ -74,7 +75,6 @@ class VAEConfig:
 
 def build_vae(cfg: VAEConfig, resolution: int):
     from diffusers import AutoencoderKL
-    from train.tiny_teacher import vae_kwargs
     factor = 2 ** (len(cfg.channels) - 1)
     if resolution % factor:
         raise TeacherTrainingError(f"images of {resolution} px cannot be downsampled by {factor} "
@@ -226,7 +226,6 @@ class UNetConfig:
 
 def build_unet(cfg: UNetConfig, cross_attention_dim: int, latent_size: int, latent_channels: int):
     from diffusers import UNet2DConditionModel
-    from train.tiny_teacher import unet_kwargs
     kwargs = unet_kwargs(cfg.channels, cross_attention_dim, latent_size, latent_channels, cfg.norm_groups,
                          cfg.layers_per_block, [c // cfg.head_dim for c in cfg.channels])
     return UNet2DConditionModel(**kwargs, use_linear_projection=True)
@@ -244,7 +243,7 @@ def load_vae(folder):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise TeacherTrainingError(f"--vae {folder}: no trained VAE there (config.json missing); train one with "
-                                   "`python -m train.teacher_training vae ...` and pass its RUN_DIR/vae")
+                                   "`python -m world.teacher_training vae ...` and pass its RUN_DIR/vae")
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
     if vae.config.scaling_factor == AutoencoderKL().config.scaling_factor:
         raise TeacherTrainingError(f"--vae {folder} carries SD's default scaling_factor, not one measured on "
@@ -475,7 +474,6 @@ def export_teacher(unet, vae, encoder, out, logs: dict | None = None, tolerance:
     """
     import copy
     from dreamportrait.text_encoder import TextEncoder, clip_tokenizer_for_transformers, to_clip_text_model
-    from train.tiny_teacher import save_teacher_folder
     out = Path(out)
     if out.exists() and not (out / "model_index.json").is_file():
         raise FileExistsError(f"--out {out} exists and is not a teacher folder; choose another --out")
@@ -630,7 +628,7 @@ def _cmd_unet(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from train.judge import AttributeClassifier
+    from dreamportrait.synthetic.judge import AttributeClassifier
     from train.teacher import DiffusionTeacher
     teacher = DiffusionTeacher.from_pretrained(args.teacher)
     judge = AttributeClassifier.from_pretrained(args.judge)
@@ -688,7 +686,7 @@ def _cmd_bench(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap = argparse.ArgumentParser(prog="python -m train.teacher_training", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m world.teacher_training", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     def run_args(p, default_kimg):
