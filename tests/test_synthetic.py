@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from dreamportrait.synthetic import heads
 from dreamportrait.synthetic.attributes import (ATTRIBUTES, HELDOUT_COMBINATIONS, Identity, heldout_pairs,
                                                 sample_identities)
 from dreamportrait.synthetic.cameras import sample_labels
-from dreamportrait.synthetic.captions import make_captions, mentionable, parse_caption
+from dreamportrait.synthetic.captions import HELDOUT_WORDS, make_caption, make_captions, mentionable, parse_caption
 from dreamportrait.synthetic.dataset_writer import write_dataset
 from dreamportrait.synthetic.proportions import head_parameters
 from dreamportrait.synthetic.render import HeadBatch, camera_rays, render
@@ -182,6 +183,53 @@ def test_captions_never_mention_absent_or_invisible_attributes():
             if a["hair_style"] == "bald":
                 assert "hair_color" not in found
             assert found.get("beard", {"x"}) != {"none"} and "no " not in caption.lower()
+
+
+def _words(caption):
+    return set(re.findall(r"[a-z]+(?:-[a-z]+)*", caption.lower()))
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_captions_of_both_modes_parse_back_to_the_true_attributes(heldout):
+    for ident in sample_identities(21, 300, "all"):
+        a = ident.attributes
+        full = make_caption(a, np.random.default_rng([ident.seed, 1]), mentions=99, heldout=heldout)
+        assert {name: {a[name]} for name in mentionable(a)}.items() <= parse_caption(full).items(), full
+        for caption in make_captions(ident, heldout=heldout) + [full]:
+            for name, values in parse_caption(caption).items():
+                assert values == {a[name]}, (caption, name, values, a[name])
+
+
+def test_training_captions_never_use_a_heldout_word_and_heldout_captions_always_do():
+    heldout_words, used = set(HELDOUT_WORDS), set()
+    for ident in sample_identities(22, 300, "all"):
+        full = make_caption(ident.attributes, np.random.default_rng(ident.seed), mentions=99)
+        for caption in make_captions(ident) + [full]:
+            assert not _words(caption) & heldout_words, caption
+        for caption in make_captions(ident, heldout=True) + [
+                make_caption(ident.attributes, np.random.default_rng(ident.seed), mentions=1, heldout=True)]:
+            assert _words(caption) & heldout_words, caption
+            used |= _words(caption) & heldout_words
+    assert used == heldout_words  # every held-out paraphrase is really produced by the held-out mode
+    assert make_captions(sample_identities(22, 1, "all")[0]) != make_captions(sample_identities(22, 1, "all")[0],
+                                                                            heldout=True)
+
+
+def test_parser_reads_synonyms_and_heldout_paraphrases():
+    assert parse_caption("A senior lady with silver hair, wearing shades and spectacles.") == {
+        "gender": {"woman"}, "age": {"old"}, "hair_color": {"gray"}, "glasses": {"sunglasses", "glasses"}}
+    assert parse_caption("The bearded guy is grinning. He has grey brows.") == {
+        "gender": {"man"}, "beard": {"full beard"}, "mouth": {"smiling"}}
+    assert parse_caption("A girl with a fringe and an aged gentleman.")["age"] == {"young", "old"}
+    assert parse_caption("This middle-aged woman has bushy eyebrows.") == {
+        "gender": {"woman"}, "age": {"middle-aged"}, "eyebrow_thickness": {"thick"}}  # 'aged' not read in it
+    assert parse_caption("The grandmother has frizzy ginger hair, a button nose and her mouth agape. "
+                         "She wears sunnies and hoops against a violet backdrop.") == {
+        "gender": {"woman"}, "age": {"old"}, "hair_style": {"curly"}, "hair_color": {"red"}, "nose": {"small"},
+        "mouth": {"open"}, "glasses": {"sunglasses"}, "earrings": {"earrings"}, "background": {"purple"}}
+    assert parse_caption("A youthful person with scarlet lips, pale skin and a sharp chin is beaming.") == {
+        "age": {"young"}, "lips": {"red lipstick"}, "skin_tone": {"fair"}, "chin": {"pointed"},
+        "mouth": {"smiling"}}
 
 
 # ----------------------------------------------------------------------------- held-out pairs
