@@ -33,9 +33,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoints import GENERATOR_FILE
 from .grid import make_grid, to_uint8
 from .mesh import DEFAULT_THRESHOLD, extract_mesh
-from .pipeline import GENERATOR_FILE, MAX_SEED, DreamPortraitPipeline, Portrait, check_seed
+from .pipeline import MAX_SEED, DreamPortraitPipeline, Portrait, check_seed
 from .video import orbit_video, write_video
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,10 @@ from safetensors.torch import save_file
 FORMAT = "dreamportrait"
 FORMAT_VERSION = "1"
 RESERVED_KEYS = ("format", "format_version", "kind", "config")
-CONVERT_HINT = "convert an EG3D .pkl with `python -m dreamportrait.convert_eg3d`"
+CONVERT_HINT = "convert an EG3D .pkl with `python -m dreamportrait.eg3d.convert`"
+# File names of the models in a model folder (a training stage's run folder, a converted EG3D pickle).
+GENERATOR_FILE = "generator.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 
 
 class CheckpointError(ValueError):

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from .cameras import camera_label
-from .checkpoints import CheckpointError, read_model_metadata
+from .checkpoints import GENERATOR_FILE, CheckpointError, read_model_metadata
 from .generator import TriPlaneGenerator
 from .text_conditioning import interpolate_encodings
 from .text_encoder import TextEncoder, TextEncoding, truncation_messages
 from .text_generator import DreamPortraitGenerator
 
-GENERATOR_FILE = "generator.safetensors"
 MAX_SEED = 2 ** 31 - 1
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .eg3d_compat import load_eg3d_state_dict
+from .eg3d.weights import load_eg3d_state_dict
 from .generator import GeneratorConfig, TriPlaneGenerator, preset
 from .text_conditioning import AdapterStack, SemanticsMapping, adapter_resolutions
 from .text_encoder import TextEncoding

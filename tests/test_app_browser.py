@@ -31,9 +31,8 @@ from PIL import Image
 from test_app import PROMPT
 from test_app_e2e import WIDE, shared_server, tiny_checkpoint
 from dreamportrait.app_logic import app_process, model_name
-from dreamportrait.checkpoints import read_model_metadata
+from dreamportrait.checkpoints import GENERATOR_FILE, read_model_metadata
 from dreamportrait.generator import GeneratorConfig
-from dreamportrait.pipeline import GENERATOR_FILE
 
 STEP_TIMEOUT = 90  # seconds for any one wait in the page
 

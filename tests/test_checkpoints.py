@@ -98,7 +98,7 @@ def test_missing_file_error_names_path_and_remedy(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_model_file(path)
     assert str(path) in str(info.value) and "does not exist" in str(info.value)
-    assert "python -m dreamportrait.convert_eg3d" in str(info.value)
+    assert "python -m dreamportrait.eg3d.convert" in str(info.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -117,12 +117,12 @@ def test_corrupt_file_error_suggests_redownload(tmp_path, damage):
 def test_plain_safetensors_and_pickles_point_to_the_converter(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="not a DreamPortrait model file.*convert_eg3d"):
+    with pytest.raises(CheckpointError, match="not a DreamPortrait model file.*eg3d.convert"):
         load_model_file(plain)
 
     pkl = tmp_path / "ffhq512-128.pkl"
     pkl.write_bytes(pickle.dumps({"G_ema": None}, protocol=4))
-    with pytest.raises(CheckpointError, match="is a Python pickle.*convert_eg3d"):
+    with pytest.raises(CheckpointError, match="is a Python pickle.*eg3d.convert"):
         load_model_file(pkl)
 
 

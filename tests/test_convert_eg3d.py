@@ -18,15 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from dreamportrait.checkpoints import CheckpointError, read_model_metadata, save_model_file
-from dreamportrait.convert_eg3d import DISCRIMINATOR_FILE, GENERATOR_FILE, main
+from dreamportrait.checkpoints import (DISCRIMINATOR_FILE, GENERATOR_FILE, CheckpointError, read_model_metadata,
+                                       save_model_file)
+from dreamportrait.discriminator import DiscriminatorConfig, DualDiscriminator
+from dreamportrait.eg3d.convert import main
+from dreamportrait.eg3d.parity import TOLERANCE, compute_outputs, load_fixture, relative_error
 from dreamportrait.generator import TriPlaneGenerator
-from dreamportrait.parity import TOLERANCE, compute_outputs, load_fixture, relative_error
 from fixtures_path import REPO, fixture_prefix
 from test_eg3d_pickle import (EG3D_GLOBALS, FAKE_MODULES, EasyDict, ImportanceRenderer, OSGDecoder, Persistent,
                               RaySampler, _poison_source, eg3d_modules, pickled_globals)
-from train.discriminator import DiscriminatorConfig, DualDiscriminator
-from train.discriminator_io import load_discriminator, save_discriminator
 
 BUFFER_NAMES = {"w_avg", "noise_const", "resample_filter", "dataset_label_std"}
 # EG3D class names of the persistent modules the reader reports (inner layers need no exact name).
@@ -133,7 +133,7 @@ def test_converted_release_pickle_reproduces_every_fixture_output(tmp_path, fixt
     assert str(marker).encode() in pkl.read_bytes()  # the poison is really embedded
     assert pickled_globals(pkl) == EG3D_GLOBALS - {("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
 
-    proc = subprocess.run([sys.executable, "-m", "dreamportrait.convert_eg3d", str(pkl), str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "dreamportrait.eg3d.convert", str(pkl), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -141,7 +141,7 @@ def test_converted_release_pickle_reproduces_every_fixture_output(tmp_path, fixt
     assert "networks D, G, G_ema" in proc.stdout and "validated by a strict load" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [DISCRIMINATOR_FILE, GENERATOR_FILE]
     G = TriPlaneGenerator.from_pretrained(out / GENERATOR_FILE)
-    D = load_discriminator(out / DISCRIMINATOR_FILE)
+    D = DualDiscriminator.from_pretrained(out / DISCRIMINATOR_FILE)
     ours = compute_outputs(G, D, tensors, meta)
     errors = {k: relative_error(ours[k], tensors[k]) for k in tensors if k.startswith("out.")}
     assert set(errors) == set(ours) and max(errors.values()) <= TOLERANCE, errors
@@ -190,15 +190,13 @@ def test_other_network_and_no_discriminator_flags(tmp_path, fixture, capsys):
     assert torch.equal(G.decoder.net[2].bias, networks["G"].tensors["decoder.net.2.bias"])
 
 
-def test_discriminator_is_written_unvalidated_without_train_package(tmp_path, fixture, capsys, monkeypatch):
+def test_converted_discriminator_keeps_every_pickled_tensor_but_unused_filters(tmp_path, fixture, capsys):
     networks = eg3d_networks(fixture)
     pkl, out = tmp_path / "snapshot.pkl", tmp_path / "out"
     write_eg3d_pickle(pkl, networks, "")
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "train.discriminator", None)  # an inference-only install
-        rc, stdout, _ = _convert(capsys, pkl, out)
-    assert rc == 0 and "NOT validated: train/ is not importable" in stdout
-    D = load_discriminator(out / DISCRIMINATOR_FILE)
+    rc, stdout, _ = _convert(capsys, pkl, out)
+    assert rc == 0 and "validated by a strict load into dreamportrait.discriminator.DualDiscriminator" in stdout
+    D = DualDiscriminator.from_pretrained(out / DISCRIMINATOR_FILE)
     kept, pickled = D.state_dict(), networks["D"].tensors
     assert all(k.endswith("resample_filter") for k in set(pickled) - set(kept))  # only unused filters dropped
     assert all(torch.equal(t, pickled[k]) for k, t in kept.items())
@@ -253,8 +251,8 @@ def test_discriminator_file_round_trip_is_exact(tmp_path):
                               mbstd_group_size=2)
     D = DualDiscriminator(cfg).eval()
     path = tmp_path / "D.safetensors"
-    save_discriminator(D, path)
-    loaded = load_discriminator(path)
+    D.save_pretrained(path)
+    loaded = DualDiscriminator.from_pretrained(path)
     assert loaded.config == cfg
     assert all(torch.equal(a, b) for a, b in zip(D.state_dict().values(), loaded.state_dict().values()))
     img = {"image": torch.randn(2, 3, 32, 32), "image_raw": torch.randn(2, 3, 16, 16)}
@@ -264,10 +262,10 @@ def test_discriminator_file_round_trip_is_exact(tmp_path):
 
     save_model_file(tmp_path / "bad.safetensors", D.state_dict(), {"preset": "tiny"}, "dual-discriminator")
     with pytest.raises(CheckpointError, match=r"must hold exactly one of \['eg3d_init_kwargs', 'discriminator'\]"):
-        load_discriminator(tmp_path / "bad.safetensors")
+        DualDiscriminator.from_pretrained(tmp_path / "bad.safetensors")
     small = DualDiscriminator(DiscriminatorConfig(img_resolution=32, channel_base=128, channel_max=16,
                                                   mapping_layers=2))
     save_model_file(tmp_path / "mismatch.safetensors", small.state_dict(), {"discriminator": cfg.to_dict()},
                     "dual-discriminator")
     with pytest.raises(CheckpointError, match="does not fit the discriminator its config describes"):
-        load_discriminator(tmp_path / "mismatch.safetensors")
+        DualDiscriminator.from_pretrained(tmp_path / "mismatch.safetensors")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from dreamportrait.eg3d_pickle import EG3DPickleError, RestrictedUnpickler, read_eg3d_pickle
+from dreamportrait.eg3d.pickle_reader import EG3DPickleError, RestrictedUnpickler, read_eg3d_pickle
 
 FAKE_MODULES = (
     "torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util", "training", "training.triplane",

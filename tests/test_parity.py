@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dreamportrait.parity import TOLERANCE
+from dreamportrait.eg3d.parity import TOLERANCE
 from fixtures_path import FIXTURE_NAMES, REPO, fixture_prefix
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_parity_cli_passes_on_shared_fixture(name):
     prefix = fixture_prefix(name)
-    proc = subprocess.run([sys.executable, "-m", "dreamportrait.parity", str(prefix)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "dreamportrait.eg3d.parity", str(prefix)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("out.")]
@@ -29,7 +29,7 @@ def test_parity_cli_fails_when_a_weight_is_off(tmp_path):
     tensors["G.decoder.net.2.bias"] = tensors["G.decoder.net.2.bias"] + 0.05
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     (tmp_path / "bad.json").write_text(prefix.with_suffix(".json").read_text())
-    proc = subprocess.run([sys.executable, "-m", "dreamportrait.parity", str(tmp_path / "bad")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "dreamportrait.eg3d.parity", str(tmp_path / "bad")], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     failed = {line.split()[0] for line in proc.stdout.splitlines() if line.endswith("FAIL")}

@@ -4,7 +4,7 @@ import torch
 
 from dreamportrait.cameras import camera_label
 from dreamportrait.generator import TriPlaneGenerator, preset
-from dreamportrait.parity import build_models, load_fixture, relative_error
+from dreamportrait.eg3d.parity import build_models, load_fixture, relative_error
 from dreamportrait.text_encoder import TextEncoder
 from dreamportrait.text_generator import DreamPortraitGenerator, TextConditionConfig
 from fixtures_path import fixture_prefix

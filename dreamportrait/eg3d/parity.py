@@ -1,6 +1,6 @@
 """Parity check against fixtures computed with NVIDIA's reference EG3D.
 
-``python -m dreamportrait.parity PREFIX`` loads ``PREFIX.safetensors`` + ``PREFIX.json`` (see
+``python -m dreamportrait.eg3d.parity PREFIX`` loads ``PREFIX.safetensors`` + ``PREFIX.json`` (see
 ``shared/fixtures/README.md`` for the format), runs our generator and discriminator on the
 fixture's inputs in float32 on the CPU, prints the relative L2 error of every output and exits
 non-zero if any exceeds the tolerance (1e-4).
@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .eg3d_compat import generator_config_from_eg3d, load_eg3d_state_dict
-from .generator import TriPlaneGenerator
+from ..discriminator import DiscriminatorConfig, DualDiscriminator
+from ..generator import TriPlaneGenerator
+from ..renderer import sample_rays
+from .weights import generator_config_from_eg3d, load_eg3d_state_dict
 
 TOLERANCE = 1e-4
 
@@ -39,10 +41,8 @@ def load_fixture(prefix: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(tensors_path)), json.loads(meta_path.read_text())
 
 
-def build_models(tensors: dict[str, torch.Tensor], meta: dict):
+def build_models(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[TriPlaneGenerator, DualDiscriminator]:
     """Our generator and discriminator loaded with the fixture's G.* and D.* weights."""
-    from train.discriminator import DiscriminatorConfig, DualDiscriminator  # training-side module
-
     nrr = meta["neural_rendering_resolution"]
     G = TriPlaneGenerator(generator_config_from_eg3d(meta["G_kwargs"], nrr)).eval()
     load_eg3d_state_dict(G, {k[2:]: v for k, v in tensors.items() if k.startswith("G.")})
@@ -52,10 +52,9 @@ def build_models(tensors: dict[str, torch.Tensor], meta: dict):
 
 
 @torch.no_grad()
-def compute_outputs(G: TriPlaneGenerator, D, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+def compute_outputs(G: TriPlaneGenerator, D: DualDiscriminator, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> dict[str, torch.Tensor]:
     """Every output the fixture lists, computed with our modules."""
-    from .renderer import sample_rays
-
     z, c = tensors["in.z"], tensors["in.c"]
     noise_mode = meta.get("noise_mode", "const")
     nrr = meta["neural_rendering_resolution"]
@@ -84,7 +83,7 @@ def check(prefix: str | Path) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dreamportrait.eg3d.parity", description=__doc__.split("\n\n")[0])
     ap.add_argument("prefix", help="fixture path without extension, e.g. ../shared/fixtures/eg3d_parity_128")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     args = ap.parse_args(argv)

@@ -2,19 +2,24 @@
 final image together with the (upsampled) raw neural render, stacked as 6 channels.
 
 Module names follow EG3D (``b{res}.fromrgb/conv0/conv1/skip``, ``mapping``, ``b4.*``) so that
-EG3D's pretrained discriminator loads by name.
+EG3D's pretrained discriminator loads by name. A model file's config holds either
+``discriminator`` (a :class:`DiscriminatorConfig` dict, written by
+:meth:`DualDiscriminator.save_pretrained`) or ``eg3d_init_kwargs`` (EG3D's constructor kwargs,
+written by ``python -m dreamportrait.eg3d.convert``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dreamportrait.layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+from .checkpoints import CheckpointError, load_model_file, save_model_file
+from .layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 
 
 @dataclass
@@ -141,3 +146,39 @@ class DualDiscriminator(nn.Module):
                 c = c + torch.randn_like(c) * c.std(0) * self.config.disc_c_noise
             cmap = self.mapping(None, c)
         return self.b4(x, cmap)
+
+    # Checkpoints -------------------------------------------------------------------------
+    KIND = "dual-discriminator"
+    CONFIG_KEYS = ("eg3d_init_kwargs", "discriminator")
+
+    def save_pretrained(self, path, extra: dict | None = None) -> None:
+        """Write one .safetensors file with the DiscriminatorConfig in its metadata (atomic)."""
+        save_model_file(path, self.state_dict(), {"discriminator": self.config.to_dict()}, self.KIND, extra)
+
+    @classmethod
+    def config_from_checkpoint(cls, config: dict, path) -> DiscriminatorConfig:
+        """The DiscriminatorConfig a model file's config describes (exactly one of CONFIG_KEYS)."""
+        present = [key for key in cls.CONFIG_KEYS if key in config]
+        if len(present) != 1:
+            raise CheckpointError(
+                f"{path} config must hold exactly one of {list(cls.CONFIG_KEYS)}, found keys {sorted(config)}; "
+                "write it with DualDiscriminator.save_pretrained or `python -m dreamportrait.eg3d.convert`")
+        try:
+            if present[0] == "eg3d_init_kwargs":
+                return DiscriminatorConfig.from_eg3d_kwargs(config["eg3d_init_kwargs"])
+            return DiscriminatorConfig.from_dict(config["discriminator"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} has an invalid discriminator config ({exc!r}); "
+                                  "re-convert or re-save it") from exc
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu") -> "DualDiscriminator":
+        """A DualDiscriminator loaded strictly from a 'dual-discriminator' model file, in eval mode."""
+        path = Path(path)
+        f = load_model_file(path, expected_kind=cls.KIND, device=device)
+        model = cls(cls.config_from_checkpoint(f.config, path))
+        try:
+            model.load_state_dict(f.tensors, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not fit the discriminator its config describes: {exc}") from exc
+        return model.to(device).eval()

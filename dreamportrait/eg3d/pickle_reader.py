@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numpy._core.multiarray import scalar as _numpy_scalar
 
-from dreamportrait.checkpoints import CheckpointError
+from ..checkpoints import CheckpointError
 
 STUB_MODULE_PREFIXES = ("training.", "torch.nn.modules.")
 

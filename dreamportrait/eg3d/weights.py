@@ -13,9 +13,9 @@ import re
 import torch
 import torch.nn as nn
 
-from .generator import GeneratorConfig
-from .ops import setup_filter
-from .superresolution import EG3D_SR_MODULES
+from ..generator import GeneratorConfig
+from ..ops import setup_filter
+from ..superresolution import EG3D_SR_MODULES
 
 _UNUSED_FILTERS = re.compile(r"^(superresolution\.resample_filter|resample_filter|b\d+\.resample_filter)$")
 _UNUSED_OTHER = {"dataset_label_std"}

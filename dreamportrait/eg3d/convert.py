@@ -1,7 +1,7 @@
 """Convert NVIDIA's released EG3D pickles (ffhq512-128.pkl, ffhqrebalanced512-128.pkl) to model files.
 
-``python -m dreamportrait.convert_eg3d IN.pkl OUT_DIR`` reads the pickle with the restricted
-reader of :mod:`dreamportrait.eg3d_pickle` (no pickled code is ever executed), builds the
+``python -m dreamportrait.eg3d.convert IN.pkl OUT_DIR`` reads the pickle with the restricted
+reader of :mod:`dreamportrait.eg3d.pickle_reader` (no pickled code is ever executed), builds the
 generator's configuration from what the pickle records (constructor kwargs, ``rendering_kwargs``
 and ``neural_rendering_resolution``), loads the weights strictly into our modules (which checks
 every name and shape) and writes ``OUT_DIR/generator.safetensors`` and
@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, save_model_file
-from .eg3d_compat import filter_eg3d_state_dict, generator_config_from_eg3d, load_eg3d_state_dict
-from .eg3d_pickle import EG3DNetwork, read_eg3d_pickle
-from .generator import TriPlaneGenerator
+from ..checkpoints import DISCRIMINATOR_FILE, GENERATOR_FILE, CheckpointError, save_model_file
+from ..discriminator import DiscriminatorConfig, DualDiscriminator
+from ..generator import TriPlaneGenerator
+from .pickle_reader import EG3DNetwork, read_eg3d_pickle
+from .weights import filter_eg3d_state_dict, generator_config_from_eg3d, load_eg3d_state_dict
 
-GENERATOR_FILE = "generator.safetensors"
-DISCRIMINATOR_FILE = "discriminator.safetensors"
-DISCRIMINATOR_KIND = "dual-discriminator"
 EG3D_GENERATOR_CLASS = "TriPlaneGenerator"
 EG3D_DISCRIMINATOR_CLASS = "DualDiscriminator"
 
@@ -36,13 +34,12 @@ class ConversionError(CheckpointError):
 
 @dataclass
 class ConvertedNetwork:
-    """One converted network: the tensors to write, their config, and what was checked."""
+    """One converted network: the tensors to write and their config."""
 
     name: str
     eg3d: EG3DNetwork
     tensors: dict[str, torch.Tensor]
     config: dict
-    validated: bool
 
     @property
     def num_values(self) -> int:
@@ -106,31 +103,17 @@ def convert_generator(net: EG3DNetwork, name: str, source: Path) -> tuple[TriPla
     return G.eval(), kwargs
 
 
-def _validate_discriminator(init_kwargs: dict, tensors: dict[str, torch.Tensor]) -> bool:
-    """Strictly load ``tensors`` into our DualDiscriminator; False if train/ is not importable."""
-    try:
-        from train.discriminator import DiscriminatorConfig, DualDiscriminator
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("train", "train.discriminator"):
-            raise
-        return False
-    load_eg3d_state_dict(DualDiscriminator(DiscriminatorConfig.from_eg3d_kwargs(init_kwargs)), tensors)
-    return True
-
-
 def convert_discriminator(net: EG3DNetwork, name: str, source: Path) -> ConvertedNetwork:
-    """EG3D discriminator tensors (filtered to the ones we keep) with its kwargs as config.
-
-    They are validated by a strict load into ``train.discriminator.DualDiscriminator`` when the
-    training package is importable; inference-only installs still get the file written."""
+    """EG3D discriminator tensors (filtered to the ones we keep, validated by a strict load into
+    our DualDiscriminator) with its kwargs as config."""
     _check_class(net, name, EG3D_DISCRIMINATOR_CLASS, source)
     init_kwargs = _json_plain(net.init_kwargs, f"the init kwargs of {name!r}")
     try:
         tensors = filter_eg3d_state_dict(net.state_dict)
-        validated = _validate_discriminator(init_kwargs, tensors)
+        load_eg3d_state_dict(DualDiscriminator(DiscriminatorConfig.from_eg3d_kwargs(init_kwargs)), tensors)
     except (KeyError, TypeError, ValueError) as exc:
         raise _conversion_error(exc, name, source) from exc
-    return ConvertedNetwork(name, net, tensors, {"eg3d_init_kwargs": init_kwargs}, validated)
+    return ConvertedNetwork(name, net, tensors, {"eg3d_init_kwargs": init_kwargs})
 
 
 @dataclass
@@ -156,7 +139,7 @@ def convert_eg3d_pickle(pkl_path, out_dir, network: str = "G_ema",
     digest = sha256_file(source)
     g_net = ckpt.network(network)
     G, g_kwargs = convert_generator(g_net, network, source)
-    generator = ConvertedNetwork(network, g_net, G.state_dict(), G.checkpoint_config(), True)
+    generator = ConvertedNetwork(network, g_net, G.state_dict(), G.checkpoint_config())
     D = None
     if discriminator is not None:
         if discriminator not in ckpt.networks:
@@ -174,7 +157,7 @@ def convert_eg3d_pickle(pkl_path, out_dir, network: str = "G_ema",
     d_path = None
     if D is not None:
         d_path = out_dir / DISCRIMINATOR_FILE
-        save_model_file(d_path, D.tensors, D.config, DISCRIMINATOR_KIND,
+        save_model_file(d_path, D.tensors, D.config, DualDiscriminator.KIND,
                         extra={**provenance, "eg3d_class": D.eg3d.class_name})
     return ConversionResult(source, digest, sorted(ckpt.networks), generator, D, g_path, d_path)
 
@@ -190,9 +173,8 @@ def summary(result: ConversionResult) -> str:
     if D is None:
         lines.append("discriminator: skipped (--no-discriminator)")
     else:
-        check = ("validated by a strict load into train.discriminator.DualDiscriminator" if D.validated
-                 else "NOT validated: train/ is not importable here")
-        lines += [f"{D.name}: {D.eg3d.class_name}, {len(D.tensors)} tensors, {D.num_values:,} values ({check})",
+        lines += [f"{D.name}: {D.eg3d.class_name}, {len(D.tensors)} tensors, {D.num_values:,} values "
+                  "(validated by a strict load into dreamportrait.discriminator.DualDiscriminator)",
                   f"  config: {json.dumps(D.config['eg3d_init_kwargs'])}",
                   f"wrote {result.discriminator_path}"]
     return "\n".join(lines)
@@ -200,7 +182,7 @@ def summary(result: ConversionResult) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m dreamportrait.convert_eg3d",
+        prog="python -m dreamportrait.eg3d.convert",
         description="Convert an EG3D release pickle (e.g. ffhq512-128.pkl) into DreamPortrait model files "
                     f"OUT_DIR/{GENERATOR_FILE} and OUT_DIR/{DISCRIMINATOR_FILE}, without executing any code "
                     "stored in the pickle.")
@@ -217,7 +199,7 @@ def main(argv=None) -> int:
         result = convert_eg3d_pickle(args.pkl, args.out_dir, network=args.network,
                                      discriminator=None if args.no_discriminator else args.discriminator)
     except CheckpointError as exc:
-        print(f"convert_eg3d: error: {exc}", file=sys.stderr)
+        print(f"dreamportrait.eg3d.convert: error: {exc}", file=sys.stderr)
         return 1
     print(summary(result))
     return 0
