@@ -16,9 +16,8 @@ import platform
 import torch
 
 from benchmarks.timing import timed
-from dreamportrait.cameras import camera_label
+from dreamportrait.cameras import camera_label, camera_rays
 from dreamportrait.generator import TriPlaneGenerator, preset
-from dreamportrait.renderer import sample_rays
 
 
 def bench(name: str, device: str, repeats: int, half: bool = False) -> dict:
@@ -34,7 +33,7 @@ def bench(name: str, device: str, repeats: int, half: bool = False) -> dict:
         ws = G.mapping(z, c)
         planes = G.synthesize_planes(ws, noise_mode="const")
         nrr = G.neural_rendering_resolution
-        origins, dirs = sample_rays(c, nrr)
+        origins, dirs = camera_rays(c, nrr)
         opts = cfg.render_options(deterministic=True)
         feats, _, _ = G.renderer(planes, G.decoder, origins, dirs, opts)
         feat_img = feats.permute(0, 2, 1).reshape(1, -1, nrr, nrr)

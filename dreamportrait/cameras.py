@@ -1,4 +1,4 @@
-"""EG3D camera conventions: 25-d labels, look-at poses, yaw/pitch and orbit paths.
+"""EG3D camera conventions: 25-d labels, look-at poses, camera rays, yaw/pitch and orbit paths.
 
 World frame (EG3D's FFHQ): y up, the face looks toward +z, the frontal camera sits at +z.
 Poses are OpenCV cam-to-world matrices (+x right, +y down, +z forward); intrinsics are
@@ -18,7 +18,6 @@ import torch
 
 FFHQ_PIVOT = (0.0, 0.0, 0.2)
 FFHQ_RADIUS = 2.7
-FFHQ_FOV_DEGREES = 18.837
 # Focal length in EG3D's FFHQ dataset labels and gen_videos.py (2985.29 / 700).
 FFHQ_DATASET_FOCAL = 4.2647
 
@@ -94,6 +93,31 @@ def split_label(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c[:, :16].reshape(-1, 4, 4), c[:, 16:25].reshape(-1, 3, 3)
 
 
+def camera_rays(c: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EG3D's ray sampler: (B, 25) labels -> ray origins and unit directions, both (B, R*R, 3).
+
+    One ray per pixel centre ((i + 0.5) / R in normalised image coordinates), row-major: ray
+    index = row * R + column, the column along camera +x (u) and the row along camera +y (v).
+    The operation order is EG3D's, so rays match its renderer to the last bit.
+    """
+    cam2world, K = split_label(c)
+    n = c.shape[0]
+    fx, fy, cx, cy, sk = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 0, 1]
+    idx = torch.arange(resolution, dtype=torch.float32, device=c.device) / resolution + 0.5 / resolution
+    v, u = torch.meshgrid(idx, idx, indexing="ij")
+    u = u.reshape(1, -1).expand(n, -1)
+    v = v.reshape(1, -1).expand(n, -1)
+    fx, fy, cx, cy, sk = (t.unsqueeze(-1) for t in (fx, fy, cx, cy, sk))
+    x_lift = (u - cx + cy * sk / fy - sk * v / fy) / fx
+    y_lift = (v - cy) / fy
+    ones = torch.ones_like(x_lift)
+    cam_points = torch.stack((x_lift, y_lift, ones, ones), dim=-1)
+    world = torch.bmm(cam2world, cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
+    origin = cam2world[:, :3, 3]
+    dirs = torch.nn.functional.normalize(world - origin[:, None, :], dim=2)
+    return origin.unsqueeze(1).expand(-1, dirs.shape[1], -1).contiguous(), dirs
+
+
 def camera_label(yaw_deg=0.0, pitch_deg=0.0, focal: float = FFHQ_DATASET_FOCAL,
                  pivot: Sequence[float] = FFHQ_PIVOT, radius: float = FFHQ_RADIUS) -> torch.Tensor:
     """(B, 25) labels for yaw/pitch in degrees (scalars or sequences)."""
@@ -112,11 +136,6 @@ def label_to_yaw_pitch(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     yaw = torch.rad2deg(theta - math.pi / 2)
     pitch = torch.rad2deg(math.pi / 2 - v)
     return yaw.float(), pitch.float()
-
-
-def label_focal(c: torch.Tensor) -> torch.Tensor:
-    """Normalised focal length fx of each label."""
-    return split_label(c)[1][:, 0, 0]
 
 
 def yaw_sweep(num_frames: int, max_yaw_deg: float = 30.0, pitch_deg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

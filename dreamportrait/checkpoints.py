@@ -81,19 +81,37 @@ def _metadata(config: dict, kind: str, extra: dict | None) -> dict[str, str]:
 
 def save_model_file(path, tensors: dict[str, torch.Tensor], config: dict, kind: str,
                     extra: dict | None = None) -> None:
-    """Write ``tensors`` and their config to ``path`` atomically (temp file, then os.replace)."""
-    path = Path(path)
+    """Write ``tensors`` and their config to ``path`` atomically and durably (:func:`atomic_file`)."""
     metadata = _metadata(config, kind, extra)
     tensors = _storable(tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_file(path, fsync=True) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_file(path, fsync: bool = False) -> Iterator[Path]:
+    """Write a file atomically: yields a temporary path beside ``path`` with the same suffix (for
+    writers that pick the format from it); when the block ends it is renamed over ``path`` (after
+    flushing it to disk when ``fsync``), and on an error it is removed, so readers only ever see
+    the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path, data: bytes | str) -> Path:
+    """Write bytes (or text, as UTF-8) to ``path`` atomically (see :func:`atomic_file`); returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 @contextmanager

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import load_model_file, save_model_file
-from .cameras import FFHQ_DATASET_FOCAL, camera_label
+from .cameras import FFHQ_DATASET_FOCAL, camera_label, camera_rays
 from .layers import MappingNetwork, SynthesisBlock
-from .renderer import ImportanceRenderer, OSGDecoder, RenderOptions, sample_rays
+from .renderer import ImportanceRenderer, OSGDecoder, RenderOptions
 from .superresolution import SuperResolution
 
 BlockHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -108,9 +108,10 @@ def preset(name: str, **overrides) -> GeneratorConfig:
 
 
 class SynthesisNetwork(nn.Module):
-    """StyleGAN2 'skip' synthesis from 4^2 up to the tri-plane resolution, emitting 3 x C planes."""
+    """StyleGAN2 'skip' synthesis over the resolutions of ``channels`` (4^2 up to the tri-plane
+    resolution), emitting 3 x C planes."""
 
-    def __init__(self, w_dim: int, resolution: int, img_channels: int, channels: dict[int, int]):
+    def __init__(self, w_dim: int, img_channels: int, channels: dict[int, int]):
         super().__init__()
         self.resolutions = sorted(channels)
         self.num_ws = 0
@@ -140,8 +141,7 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        self.synthesis = SynthesisNetwork(cfg.w_dim, cfg.triplane_resolution, 3 * cfg.triplane_channels,
-                                          cfg.block_channels())
+        self.synthesis = SynthesisNetwork(cfg.w_dim, 3 * cfg.triplane_channels, cfg.block_channels())
         self.mapping = MappingNetwork(cfg.z_dim, cfg.c_dim, cfg.w_dim, self.synthesis.num_ws,
                                       num_layers=cfg.mapping_layers)
 
@@ -185,7 +185,7 @@ class TriPlaneGenerator(nn.Module):
                depth_multiplier: int = 1, sr_noise_mode: str = "none") -> dict[str, torch.Tensor]:
         """Render cached planes from cameras c (B, 25): {'image', 'image_raw', 'image_depth'}."""
         res = neural_rendering_resolution or self.neural_rendering_resolution
-        origins, dirs = sample_rays(c, res)
+        origins, dirs = camera_rays(c, res)
         opts = self.config.render_options(deterministic, depth_multiplier)
         features, depth, _ = self.renderer(planes, self.decoder, origins, dirs, opts)
         n = planes.shape[0]

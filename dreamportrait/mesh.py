@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +25,7 @@ import mcubes
 import numpy as np
 import torch
 
+from .checkpoints import atomic_write
 from .grid import to_uint8
 
 Progress = Callable[[int, int], None]
@@ -65,7 +64,7 @@ class Mesh:
         if len(self.vertices) == 0 or len(self.faces) == 0:
             raise ValueError("the mesh is empty (no vertices or faces); nothing to write to "
                              f"{path}. Extract it again with a lower threshold")
-        _atomic_write(path, writer(self))
+        atomic_write(path, writer(self))
         return path
 
 
@@ -170,16 +169,6 @@ def extract_mesh(G, planes: torch.Tensor, resolution: int = 128, threshold: floa
 
 
 # ----------------------------------------------------------------------------- writers
-
-def _atomic_write(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def obj_bytes(mesh: Mesh) -> bytes:
     """Wavefront OBJ with per-vertex colours as ``v x y z r g b`` (r, g, b in [0, 1])."""

@@ -4,6 +4,7 @@
 - :func:`bias_act`: bias add, activation, gain and optional clamp.
 - :func:`conv2d_resample`: convolution fused with 2x up/downsampling through a FIR filter,
   in the same operation order as EG3D's so that released weights give the same numbers.
+- :func:`resize`: antialiased image resizing that also runs on bfloat16/float16 images.
 """
 from __future__ import annotations
 
@@ -50,13 +51,6 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
     fw = f.shape[-1]
     p = [(fw + up - 1) // 2, (fw - up) // 2] * 2
     return upfirdn2d(x, f, up=up, padding=p, gain=up * up)
-
-
-def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2) -> torch.Tensor:
-    """2x (or ``down``x) FIR downsampling that keeps the image centred."""
-    fw = f.shape[-1]
-    p = [(fw - down + 1) // 2, (fw - down) // 2] * 2
-    return upfirdn2d(x, f, down=down, padding=p)
 
 
 def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "linear",
@@ -121,3 +115,15 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Scale to unit mean square along ``dim``."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+def resize(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear",
+           antialias: bool = True) -> torch.Tensor:
+    """Resize (N, C, H, W) images to ``size`` (an int for square), antialiased by default (EG3D's
+    'filtered' resizing: ``F.interpolate`` with ``align_corners=False``). bfloat16/float16 inputs
+    are resized in float32 (PyTorch's antialiased kernels lack them) and returned in their dtype.
+    """
+    low_precision = x.dtype in (torch.bfloat16, torch.float16)
+    y = F.interpolate(x.float() if low_precision else x, size=size, mode=mode, align_corners=False,
+                      antialias=antialias)
+    return y.to(x.dtype) if low_precision else y

@@ -1,6 +1,6 @@
 """Neural volume rendering of tri-planes, numerically matching EG3D's renderer.
 
-Rays come from a 25-d camera label (OpenCV convention, normalised intrinsics); features are
+Rays come from a 25-d camera label (:func:`dreamportrait.cameras.camera_rays`); features are
 sampled from the planes (:mod:`dreamportrait.triplane`), decoded by a small MLP into raw density
 and 32 features, and composited MipNeRF-style on interval midpoints. A coarse stratified pass
 is followed by an importance pass drawn from the coarse weights. ``deterministic=True`` puts
@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cameras import split_label
 from .layers import FullyConnectedLayer
 from .triplane import sample_from_planes
 
@@ -30,26 +29,6 @@ class RenderOptions:
     box_warp: float = 1.0
     white_back: bool = False
     deterministic: bool = False
-
-
-def sample_rays(c: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ray origins and unit directions (B, R*R, 3) for pixel centres, row-major (row = y)."""
-    cam2world, K = split_label(c)
-    n = c.shape[0]
-    fx, fy, cx, cy, sk = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 0, 1]
-    idx = torch.arange(resolution, dtype=torch.float32, device=c.device) / resolution + 0.5 / resolution
-    v, u = torch.meshgrid(idx, idx, indexing="ij")
-    u = u.reshape(1, -1).expand(n, -1)
-    v = v.reshape(1, -1).expand(n, -1)
-    fx, fy, cx, cy, sk = (t.unsqueeze(-1) for t in (fx, fy, cx, cy, sk))
-    x_lift = (u - cx + cy * sk / fy - sk * v / fy) / fx
-    y_lift = (v - cy) / fy
-    ones = torch.ones_like(x_lift)
-    cam_points = torch.stack((x_lift, y_lift, ones, ones), dim=-1)
-    world = torch.bmm(cam2world, cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
-    origin = cam2world[:, :3, 3]
-    dirs = F.normalize(world - origin[:, None, :], dim=2)
-    return origin.unsqueeze(1).expand(-1, dirs.shape[1], -1).contiguous(), dirs
 
 
 class OSGDecoder(nn.Module):

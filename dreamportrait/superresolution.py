@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .layers import SynthesisBlock
+from .ops import resize
 
 EG3D_SR_MODULES = {
     "training.superresolution.SuperresolutionHybrid2X": dict(sr_input_resolution=64, sr_channels=(128, 64),
@@ -49,14 +49,12 @@ class SuperResolution(nn.Module):
             res = res * 2 if up else res
             setattr(self, f"block{i}", SynthesisBlock(in_ch, ch, w_dim, res, img_channels, upsample=up))
             in_ch = ch
-        self.output_resolution = res
 
     def forward(self, rgb: torch.Tensor, features: torch.Tensor, ws: torch.Tensor, noise_mode: str = "none"):
         ws = ws[:, -1:, :].repeat(1, 3, 1)
         if features.shape[-1] != self.input_resolution:
-            size = (self.input_resolution, self.input_resolution)
-            features = F.interpolate(features, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
-            rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+            features = resize(features, self.input_resolution, antialias=self.antialias)
+            rgb = resize(rgb, self.input_resolution, antialias=self.antialias)
         x, rgb = self.block0(features, rgb, ws, noise_mode=noise_mode)
         _, rgb = self.block1(x, rgb, ws, noise_mode=noise_mode)
         return rgb

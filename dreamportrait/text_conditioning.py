@@ -247,32 +247,40 @@ def adapter_resolutions(block_resolutions: Sequence[int], count: int = 6) -> lis
     return [res[round(i * (len(res) - 1) / (count - 1))] for i in range(count)]
 
 
-class AdapterStack(nn.Module):
-    """The local-condition adapters of a generator, keyed by synthesis-block resolution.
+class AdapterStack(nn.ModuleDict):
+    """The local-condition adapters of a generator: :class:`GatedCrossAttention3D` modules keyed by
+    synthesis-block resolution (as a string, so parameters are named ``<res>.*``).
 
     ``placements`` maps resolution -> backbone channels at that block's output (e.g.
     ``{r: block_channels[r] for r in adapter_resolutions(block_channels)}``). Call
     ``stack(res, x, tokens, mask)`` after the block at ``res``; resolutions without an adapter
     pass x through. :meth:`block_hook` gives the ``(res, x) -> x`` hook the synthesis takes.
-    (Not named ``apply``: that would shadow ``nn.Module.apply``.)
+    State dicts of the earlier layout (``adapters.<res>.*`` inside the stack) still load.
     """
 
     def __init__(self, placements: Mapping[int, int], text_dim: int, **adapter_kwargs):
-        super().__init__()
-        self.adapters = nn.ModuleDict({str(r): GatedCrossAttention3D(c, text_dim, **adapter_kwargs)
-                                       for r, c in sorted(placements.items())})
+        super().__init__({str(r): GatedCrossAttention3D(c, text_dim, **adapter_kwargs)
+                          for r, c in sorted(placements.items())})
+        self.register_load_state_dict_pre_hook(_rename_legacy_adapter_keys)
 
     @property
     def resolutions(self) -> list[int]:
-        return [int(r) for r in self.adapters]
+        return [int(r) for r in self]
 
     def forward(self, res: int, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        adapter = self.adapters[str(res)] if str(res) in self.adapters else None
-        return x if adapter is None else adapter(x, tokens, mask)
+        return self[str(res)](x, tokens, mask) if str(res) in self else x
 
     def block_hook(self, tokens: torch.Tensor, mask: torch.Tensor):
         """A ``(res, x) -> x`` hook for the synthesis network, bound to one batch of word tokens."""
         return lambda res, x: self(res, x, tokens, mask)
+
+
+def _rename_legacy_adapter_keys(stack: AdapterStack, state_dict: dict, prefix: str, *_) -> None:
+    """Load-time upgrade of checkpoints from when the stack held its adapters in a child named
+    ``adapters``: ``<prefix>adapters.<res>.*`` -> ``<prefix><res>.*``."""
+    legacy = prefix + "adapters."
+    for key in [k for k in state_dict if k.startswith(legacy)]:
+        state_dict[prefix + key[len(legacy):]] = state_dict.pop(key)
 
 
 # ---- prompt operations ------------------------------------------------------------------------

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .eg3d.weights import load_eg3d_state_dict
-from .generator import GeneratorConfig, TriPlaneGenerator, preset
+from .generator import GeneratorConfig, TriPlaneGenerator
 from .text_conditioning import AdapterStack, SemanticsMapping, adapter_resolutions
 from .text_encoder import TextEncoding
 
@@ -69,15 +68,6 @@ class DreamPortraitGenerator(TriPlaneGenerator):
             raise ValueError(f"generator weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
 
-    def load_eg3d_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load EG3D-named weights (e.g. a parity fixture's G.*) into the core, keeping text parts."""
-        core = TriPlaneGenerator(self.config)
-        load_eg3d_state_dict(core, state)
-        self.load_state_dict(core.state_dict(), strict=False)
-
-    def text_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.semantics.parameters()) + list(self.adapters.parameters())
-
     def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, update_emas: bool = False,
                 text: TextEncoding | None = None) -> torch.Tensor:
@@ -110,12 +100,3 @@ class DreamPortraitGenerator(TriPlaneGenerator):
     @classmethod
     def from_checkpoint_config(cls, config: dict) -> "DreamPortraitGenerator":
         return cls(GeneratorConfig.from_dict(config["generator"]), TextConditionConfig(**config["text"]))
-
-
-def build_text_generator(generator: str | dict | GeneratorConfig, text: TextConditionConfig) -> DreamPortraitGenerator:
-    """A fresh generator from a preset name, config dict or config."""
-    if isinstance(generator, str):
-        generator = preset(generator)
-    elif isinstance(generator, dict):
-        generator = GeneratorConfig.from_dict(generator)
-    return DreamPortraitGenerator(generator, text)

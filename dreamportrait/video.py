@@ -10,8 +10,6 @@ padded by one replicated row/column (never resized), and decoded videos are then
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import FFHQ_DATASET_FOCAL, camera_label, eg3d_orbit, yaw_sweep
+from .checkpoints import atomic_file
 from .grid import to_uint8
 
 Progress = Callable[[int, int], None]
@@ -67,24 +66,20 @@ def write_video(frames, path, fps: float = 30, quality: float = 7) -> Path:
     if first is None:
         raise ValueError("no frames to write; pass at least one frame")
     size = first.shape[:2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.mp4")
     padded = _pad_even(first)
-    writer = imageio_ffmpeg.write_frames(str(tmp), (padded.shape[1], padded.shape[0]), fps=fps, codec="libx264",
-                                         pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=quality,
-                                         macro_block_size=2, output_params=["-movflags", "+faststart"])
-    try:
-        writer.send(None)
-        writer.send(padded)
-        for i, frame in enumerate(frames, start=1):
-            if frame.shape[:2] != size:
-                raise ValueError(f"frame {i} is {frame.shape[:2]} but frame 0 is {size}; all frames need one size")
-            writer.send(_pad_even(frame))
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(str(tmp), (padded.shape[1], padded.shape[0]), fps=fps, codec="libx264",
+                                             pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=quality,
+                                             macro_block_size=2, output_params=["-movflags", "+faststart"])
+        try:
+            writer.send(None)
+            writer.send(padded)
+            for i, frame in enumerate(frames, start=1):
+                if frame.shape[:2] != size:
+                    raise ValueError(f"frame {i} is {frame.shape[:2]} but frame 0 is {size}; all frames need one size")
+                writer.send(_pad_even(frame))
+        finally:
+            writer.close()
     return path
 
 

@@ -173,3 +173,18 @@ def test_atomic_folder_replaces_whole_or_leaves_the_old_folder(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         with atomic_folder(target, replace=False):
             pass
+
+
+def test_atomic_file_keeps_the_suffix_and_leaves_the_old_file_on_error(tmp_path):
+    from dreamportrait.checkpoints import atomic_file, atomic_write
+    target = tmp_path / "sub" / "video.mp4"
+    assert atomic_write(target, b"old") == target  # creates the parent folder
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_file(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".mp4" and tmp != target
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["video.mp4"]
+    atomic_write(target, "new text, stored as UTF-8: é")
+    assert target.read_text(encoding="utf-8") == "new text, stored as UTF-8: é"
+    assert os.listdir(target.parent) == ["video.mp4"]

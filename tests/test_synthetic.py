@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamportrait.cameras import FFHQ_DATASET_FOCAL, FFHQ_PIVOT, FFHQ_RADIUS, camera_label, label_to_yaw_pitch
+from dreamportrait.cameras import (FFHQ_DATASET_FOCAL, FFHQ_PIVOT, FFHQ_RADIUS, camera_label, camera_rays,
+                                   label_to_yaw_pitch)
 from dreamportrait.synthetic import heads
 from dreamportrait.synthetic.attributes import (ATTRIBUTES, HELDOUT_COMBINATIONS, Identity, heldout_pairs,
                                                 sample_identities)
@@ -16,7 +17,7 @@ from dreamportrait.synthetic.cameras import sample_labels
 from dreamportrait.synthetic.captions import HELDOUT_WORDS, make_caption, make_captions, mentionable, parse_caption
 from dreamportrait.synthetic.dataset_writer import write_dataset
 from dreamportrait.synthetic.proportions import head_parameters
-from dreamportrait.synthetic.render import HeadBatch, camera_rays, render
+from dreamportrait.synthetic.render import HeadBatch, render
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,7 @@ def test_adapter_placements_and_stack():
     x8 = torch.randn(2, 12, 8, 8)
     assert hook(8, x8) is x8  # no adapter at 8
     with torch.no_grad():
-        stack.adapters["32"].gamma.fill_(0.5)
+        stack["32"].gamma.fill_(0.5)
     x32 = torch.randn(2, 8, 32, 32)
     assert (hook(32, x32) - x32).abs().max() > 0
     assert torch.equal(stack(32, x32, tokens, mask), hook(32, x32))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dreamportrait.cameras import camera_label
+from dreamportrait.checkpoints import save_model_file
 from dreamportrait.generator import TriPlaneGenerator, preset
 from dreamportrait.eg3d.parity import build_models, load_fixture, relative_error
 from dreamportrait.text_encoder import TextEncoder
@@ -74,3 +75,24 @@ def test_text_generator_checkpoint_round_trip(tmp_path, encoder):
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     with pytest.raises(ValueError, match="expected a 'triplane-generator' model"):
         TriPlaneGenerator.from_pretrained(path)
+
+
+def test_checkpoints_with_the_old_adapters_adapters_names_still_load(tmp_path, encoder):
+    """Files written before the adapters' parameters lost their stutter (``adapters.adapters.<res>.*``,
+    e.g. checkpoints/synthetic-tiny-e2e) load into ``adapters.<res>.*`` with identical outputs."""
+    torch.manual_seed(2)
+    G = DreamPortraitGenerator(preset("tiny"), TextConditionConfig(text_dim=encoder.width, adapter_count=2)).eval()
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    state = G.state_dict()
+    assert any(k.startswith("adapters.64.") for k in state)
+    assert not any(k.startswith("adapters.adapters.") for k in state)
+    old = {("adapters." + k if k.startswith("adapters.") else k): v for k, v in state.items()}
+    save_model_file(tmp_path / "old.safetensors", old, G.checkpoint_config(), G.KIND)
+    G2 = DreamPortraitGenerator.from_pretrained(tmp_path / "old.safetensors")  # strict load
+    assert G2.state_dict().keys() == state.keys() and all(torch.equal(G2.state_dict()[k], v) for k, v in state.items())
+    z, c, text = torch.randn(1, G.config.z_dim), camera_label(10.0, 0.0), encoder(["A bald man with sunglasses."])
+    with torch.no_grad():
+        assert torch.equal(G2(z, c, text=text, noise_mode="const", deterministic=True)["image"],
+                           G(z, c, text=text, noise_mode="const", deterministic=True)["image"])

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import CheckpointError
+from dreamportrait.grid import to_uint8
 from dreamportrait.synthetic.attributes import heldout_pairs, sample_identities
 from dreamportrait.synthetic.judge import AttributeClassifier, JudgeConfig
-from dreamportrait.synthetic.render import HeadBatch, render, to_uint8
+from dreamportrait.synthetic.render import HeadBatch, render
 from train.data import DatasetError
 from train.evaluate import attribute_accuracy, write_json
 from train.run_files import RunFiles
@@ -197,7 +198,8 @@ def render_views(identities, views: Mapping[str, tuple[float, float]], resolutio
             for start in range(0, len(identities), batch):
                 heads = identities[start:start + batch]
                 labels = camera_label([yaw] * len(heads), [pitch] * len(heads))
-                rgb = torch.from_numpy(to_uint8(render(HeadBatch(heads), labels, resolution)["rgb"]))
+                rgb = render(HeadBatch(heads), labels, resolution)["rgb"]
+                rgb = torch.from_numpy(to_uint8(rgb, value_range=(0, 1)))
                 chunks.append(rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
                 bar.update(len(heads))
             out[name] = torch.cat(chunks)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ..discriminator import DiscriminatorConfig, DualDiscriminator
 from ..generator import TriPlaneGenerator
-from ..renderer import sample_rays
+from ..cameras import camera_rays
 from .weights import generator_config_from_eg3d, load_eg3d_state_dict
 
 TOLERANCE = 1e-4
@@ -66,7 +66,7 @@ def compute_outputs(G: TriPlaneGenerator, D: DualDiscriminator, tensors: dict[st
     out["out.planes_stride8"] = planes.reshape(planes.shape[0], -1, *planes.shape[-2:])[:, :, ::8, ::8]
     pts = G.sample_planes(planes, tensors["in.points"])
     out["out.points_sigma"], out["out.points_rgb"] = pts["sigma"], pts["rgb"]
-    out["out.ray_origins"], out["out.ray_dirs"] = sample_rays(c, nrr)
+    out["out.ray_origins"], out["out.ray_dirs"] = camera_rays(c, nrr)
     img = G.render(planes, ws, c, neural_rendering_resolution=nrr, deterministic=True)
     out["out.image"], out["out.image_raw"], out["out.image_depth"] = img["image"], img["image_raw"], img["image_depth"]
     out["out.D_gen"] = D({"image": img["image"], "image_raw": img["image_raw"]}, c)

@@ -8,20 +8,18 @@ the sheet shows exactly what the models see.
 from __future__ import annotations
 
 import argparse
-import os
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dreamportrait.cameras import camera_label
-
+from ..cameras import camera_label
+from ..grid import save_png, to_uint8
 from .attributes import sample_identities
 from .captions import make_captions
 from .dataset_writer import identity_views
-from .render import HeadBatch, render, to_uint8
+from .render import HeadBatch, render
 
 RES = 64
 
@@ -38,10 +36,10 @@ def contact_sheet(seed: int = 0, cols: int = 6, rows: int = 3, scale: int = 3, s
     strip from -35 to +35 degrees of the first identity."""
     identities = sample_identities(seed, cols * rows, "train")
     labels = torch.cat([identity_views(ident, 1)[0] for ident in identities])
-    tiles = to_uint8(render(HeadBatch(identities), labels, RES)["rgb"])
+    tiles = to_uint8(render(HeadBatch(identities), labels, RES)["rgb"], value_range=(0, 1))
     yaws = np.linspace(-35.0, 35.0, strip_views)
     strip = to_uint8(render(HeadBatch([identities[0]] * strip_views),
-                            camera_label(yaws.tolist(), [0.0] * strip_views), RES)["rgb"])
+                            camera_label(yaws.tolist(), [0.0] * strip_views), RES)["rgb"], value_range=(0, 1))
     cell, pad, text_h = RES * scale, 8, 78
     font, title_font = _font(11), _font(15)
     width = cols * (cell + pad) + pad
@@ -74,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="assets/synthetic_contact_sheet.png")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    contact_sheet(args.seed).save(tmp, format="PNG")
-    os.replace(tmp, out)
+    out = save_png(np.asarray(contact_sheet(args.seed)), args.out)
     print(f"wrote {out}")
 
 

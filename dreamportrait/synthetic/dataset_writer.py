@@ -18,9 +18,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..checkpoints import atomic_file, atomic_write
+from ..grid import to_uint8
 from .attributes import HELDOUT_COMBINATIONS, Identity, sample_identities
 from .cameras import sample_labels
 from .captions import make_captions
-from .render import HeadBatch, render, to_uint8
+from .render import HeadBatch, render
 
 FORMAT_VERSION = 1
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: identical bytes for identical content
@@ -54,47 +56,28 @@ def _png(image: np.ndarray, compress_level: int) -> bytes:
     return buf.getvalue()
 
 
-class _FolderSink:
-    """Images go straight into the folder; the JSON files are written atomically, dataset.json
-    last, so a folder without dataset.json is an unfinished data set."""
-
-    def __init__(self, path: Path):
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(f"output {path} exists and is not an empty folder; choose a new --out")
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path
-
-    def add(self, name: str, data: bytes) -> None:
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-
-    def close(self) -> None:
-        pass
+@contextmanager
+def _folder_sink(path: Path):
+    """``add(name, data)`` into a folder, each file atomically; the caller writes dataset.json last,
+    so a folder without dataset.json is an unfinished data set."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output {path} exists and is not an empty folder; choose a new --out")
+    path.mkdir(parents=True, exist_ok=True)
+    yield lambda name, data: atomic_write(path / name, data)
 
 
-class _ZipSink:
-    """An uncompressed zip written to a temporary file and renamed when complete."""
-
-    def __init__(self, path: Path):
-        if path.exists():
-            raise FileExistsError(f"output {path} exists; choose a new --out")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
-
-    def add(self, name: str, data: bytes) -> None:
-        self.zip.writestr(zipfile.ZipInfo(name, date_time=_ZIP_TIME), data)
-
-    def close(self) -> None:
-        self.zip.close()
-        os.replace(self.tmp, self.path)
+@contextmanager
+def _zip_sink(path: Path):
+    """``add(name, data)`` into an uncompressed zip, written to a temporary file and renamed into
+    place when complete (removed on an error)."""
+    if path.exists():
+        raise FileExistsError(f"output {path} exists; choose a new --out")
+    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        yield lambda name, data: archive.writestr(zipfile.ZipInfo(name, date_time=_ZIP_TIME), data)
 
 
 def _render_batch(identities: list[Identity], labels: torch.Tensor, resolution: int) -> np.ndarray:
-    return to_uint8(render(HeadBatch(identities), labels, resolution)["rgb"])
+    return to_uint8(render(HeadBatch(identities), labels, resolution)["rgb"], value_range=(0, 1))
 
 
 def _single_thread() -> None:
@@ -122,49 +105,44 @@ def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0
     out = Path(out)
     if zip_output and out.suffix != ".zip":
         out = out.with_name(out.name + ".zip")
-    sink = _ZipSink(out) if out.suffix == ".zip" else _FolderSink(out)
-    identities = sample_identities(seed, num, split)
-    jobs = []  # (image index, identity index, view, label, yaw, pitch)
-    for j, ident in enumerate(identities):
-        labels, yaw, pitch = identity_views(ident, views, radius_jitter, pivot_jitter)
-        for v in range(views):
-            jobs.append((j * views + v, j, v, labels[v], float(yaw[v]), float(pitch[v])))
-    dataset, captions, attributes = [], {}, {}
-    chunks = [jobs[start:start + batch] for start in range(0, len(jobs), batch)]
-    tasks = [([identities[job[1]] for job in chunk], torch.stack([job[3] for job in chunk]), resolution)
-             for chunk in chunks]
-    pool = None
-    if workers:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_single_thread)
-    try:
-        rendered = pool.map(_render_batch, *zip(*tasks)) if pool else (_render_batch(*t) for t in tasks)
-        with tqdm(total=len(jobs), unit="img", desc=f"rendering {out.name}", disable=not progress) as bar:
-            for chunk, images in zip(chunks, rendered):
-                for (index, j, v, label, yaw, pitch), image in zip(chunk, images):
-                    name = image_name(index)
-                    sink.add(name, _png(image, 0 if isinstance(sink, _ZipSink) else 6))
-                    dataset.append([name, [float(x) for x in label]])
-                    ident = identities[j]
-                    captions[name] = make_captions(ident)
-                    attributes[name] = {"identity": j, "identity_seed": ident.seed, "view": v,
-                                        "yaw": yaw, "pitch": pitch, "attributes": ident.attributes}
-                bar.update(len(chunk))
+    zipped = out.suffix == ".zip"
+    with (_zip_sink if zipped else _folder_sink)(out) as add:
+        identities = sample_identities(seed, num, split)
+        jobs = []  # (image index, identity index, view, label, yaw, pitch)
+        for j, ident in enumerate(identities):
+            labels, yaw, pitch = identity_views(ident, views, radius_jitter, pivot_jitter)
+            for v in range(views):
+                jobs.append((j * views + v, j, v, labels[v], float(yaw[v]), float(pitch[v])))
+        dataset, captions, attributes = [], {}, {}
+        chunks = [jobs[start:start + batch] for start in range(0, len(jobs), batch)]
+        tasks = [([identities[job[1]] for job in chunk], torch.stack([job[3] for job in chunk]), resolution)
+                 for chunk in chunks]
+        pool = None
+        if workers:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_single_thread)
+        try:
+            rendered = pool.map(_render_batch, *zip(*tasks)) if pool else (_render_batch(*t) for t in tasks)
+            with tqdm(total=len(jobs), unit="img", desc=f"rendering {out.name}", disable=not progress) as bar:
+                for chunk, images in zip(chunks, rendered):
+                    for (index, j, v, label, yaw, pitch), image in zip(chunk, images):
+                        name = image_name(index)
+                        add(name, _png(image, 0 if zipped else 6))
+                        dataset.append([name, [float(x) for x in label]])
+                        ident = identities[j]
+                        captions[name] = make_captions(ident)
+                        attributes[name] = {"identity": j, "identity_seed": ident.seed, "view": v,
+                                            "yaw": yaw, "pitch": pitch, "attributes": ident.attributes}
+                    bar.update(len(chunk))
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
         settings = {"format_version": FORMAT_VERSION, "generator": "dreamportrait.synthetic",
                     "num_identities": num, "views": views, "resolution": resolution, "seed": seed,
                     "split": split, "radius_jitter": radius_jitter, "pivot_jitter": pivot_jitter,
                     "heldout_combinations": [[list(p) for p in pair] for pair in HELDOUT_COMBINATIONS]}
-        sink.add("synthetic.json", _json(settings))
-        sink.add("captions.json", _json(captions))
-        sink.add("attributes.json", _json(attributes))
-        sink.add("dataset.json", _json({"labels": dataset}))
-    except BaseException:
-        if isinstance(sink, _ZipSink):
-            sink.zip.close()
-            sink.tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-    sink.close()
+        add("synthetic.json", _json(settings))
+        add("captions.json", _json(captions))
+        add("attributes.json", _json(attributes))
+        add("dataset.json", _json({"labels": dataset}))
     return out

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamportrait.checkpoints import CheckpointError, load_model_file, save_model_file
-from dreamportrait.synthetic.attributes import ATTRIBUTES
+from ..checkpoints import CheckpointError, load_model_file, save_model_file
+from ..ops import resize
+from .attributes import ATTRIBUTES
 
 KIND = "attribute-classifier"
 IGNORE = -100  # target index of an invisible attribute (torch's default ignore_index)
@@ -100,7 +101,7 @@ class AttributeClassifier(nn.Module):
         images = images.to(device, torch.float32)
         r = self.config.resolution
         if images.shape[-2:] != (r, r):
-            images = F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+            images = resize(images, r)
         return images
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

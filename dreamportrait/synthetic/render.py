@@ -1,8 +1,8 @@
 """Vectorised CPU sphere tracer for the synthetic heads.
 
-Rays come from EG3D 25-d camera labels exactly as EG3D's RaySampler builds them (OpenCV
-camera, pixel centres (i + 0.5) / res, normalised intrinsics), so renders agree pixel for
-pixel with the generator's cameras. Rays of a whole group of heads are traced together:
+Rays come from EG3D 25-d camera labels through the generator's own ray sampler
+(:func:`dreamportrait.cameras.camera_rays`), so renders agree pixel for pixel with the
+generator's cameras. Rays of a whole group of heads are traced together:
 
 - a cone pass traces one cone per 4x4 block of (supersampled) rays: each cone is tested once
   against every shape's bounding box (grown by the cone radius) and marches while the whole
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreamportrait.cameras import split_label
+from ..cameras import camera_rays, split_label
 
 from . import sdf
 from .attributes import Identity
@@ -291,25 +291,6 @@ def _trace(heads: HeadBatch, o: Tensor, d: Tensor, b: Tensor, cand: Tensor, t0: 
     return hit, t_hit, owner, d_hit
 
 
-def camera_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
-    """EG3D RaySampler: (B, 25) labels -> origins (B, 3), unit directions (B, R*R, 3).
-
-    Ray index = row * R + column; u (camera x, right) follows the column, v (camera y, down)
-    the row; camera z is forward.
-    """
-    cam2world, K = split_label(labels.float())
-    idx = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
-    v, u = torch.meshgrid(idx, idx, indexing="ij")
-    u, v = u.reshape(1, -1), v.reshape(1, -1)
-    fx, fy, cx, cy, sk = (K[:, 0, 0:1], K[:, 1, 1:2], K[:, 0, 2:3], K[:, 1, 2:3], K[:, 0, 1:2])
-    x_cam = (u - cx + cy * sk / fy - sk * v / fy) / fx
-    y_cam = (v - cy) / fy
-    cam = torch.stack((x_cam, y_cam, torch.ones_like(x_cam)), dim=-1)  # (B, N, 3)
-    origins = cam2world[:, :3, 3]
-    world = cam @ cam2world[:, :3, :3].transpose(1, 2) + origins.unsqueeze(1)
-    return origins, F.normalize(world - origins.unsqueeze(1), dim=-1)
-
-
 def _scene_interval(o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Model-space entry/exit of rays through :data:`SCENE_BOX`."""
     lo, hi = _to_model(torch.tensor(SCENE_BOX[0])), _to_model(torch.tensor(SCENE_BOX[1]))
@@ -324,9 +305,9 @@ def _to_model(p: Tensor) -> Tensor:
 
 
 def _model_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
-    """Camera rays moved into the heads' model frame (see :data:`HEAD_SCALE`)."""
+    """Camera rays (B * R * R, 3), head-major, moved into the heads' model frame (see :data:`HEAD_SCALE`)."""
     origins, dirs = camera_rays(labels, resolution)
-    return _to_model(origins), dirs
+    return _to_model(origins).reshape(-1, 3), dirs.reshape(-1, 3)
 
 
 def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolution: int = 64,
@@ -360,14 +341,12 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
         lab = labels[heads_g]
         o, d = _model_rays(lab, res)
         b = heads_g.repeat_interleave(n)
-        o, d = o.repeat_interleave(n, 0), d.reshape(-1, 3)
         if block > 1:
             # Cone pass: one cone per block of rays. Its shape candidates (boxes grown by the
             # cone radius) and its free-space t serve every ray of the block; blocks whose
             # cone meets nothing stay background.
             oc, dc = _model_rays(lab, coarse)
             bc = heads_g.repeat_interleave(coarse * coarse)
-            oc, dc = oc.repeat_interleave(coarse * coarse, 0), dc.reshape(-1, 3)
             cand, t0, t1 = _bounds(heads, oc, dc, bc, cone_per_t)
             touched, t_cone, _, _ = _trace(heads, oc, dc, bc, cand, t0, t1, eps_per_t, cone_per_t,
                                            CONE_STEPS)
@@ -394,8 +373,3 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
     mask = pool(hit.float(), 1)
     depth = torch.where(mask > 0, pool(depth, 1) / mask.clamp_min(1e-6), torch.zeros_like(mask))
     return {"rgb": pool(rgb, 3).clamp(0.0, 1.0), "depth": depth, "mask": mask}
-
-
-def to_uint8(rgb: Tensor) -> np.ndarray:
-    """(B, 3, R, R) in [0, 1] -> (B, R, R, 3) uint8 (round to nearest)."""
-    return (rgb.permute(0, 2, 3, 1) * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
