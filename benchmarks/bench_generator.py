@@ -32,7 +32,7 @@ def bench(name: str, device: str, repeats: int, half: bool = False) -> dict:
     with torch.no_grad(), autocast:
         ws = G.mapping(z, c)
         planes = G.synthesize_planes(ws, noise_mode="const")
-        nrr = G.neural_rendering_resolution
+        nrr = G.config.neural_rendering_resolution
         origins, dirs = camera_rays(c, nrr)
         opts = cfg.render_options(deterministic=True)
         feats, _, _ = G.renderer(planes, G.decoder, origins, dirs, opts)

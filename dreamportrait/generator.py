@@ -159,7 +159,6 @@ class TriPlaneGenerator(nn.Module):
         self.decoder = OSGDecoder(cfg.triplane_channels, cfg.decoder_hidden, cfg.triplane_channels,
                                   cfg.decoder_lr_mul)
         self.renderer = ImportanceRenderer()
-        self.neural_rendering_resolution = cfg.neural_rendering_resolution
 
     @property
     def num_ws(self) -> int:
@@ -184,7 +183,7 @@ class TriPlaneGenerator(nn.Module):
                neural_rendering_resolution: int | None = None, deterministic: bool = False,
                depth_multiplier: int = 1, sr_noise_mode: str = "none") -> dict[str, torch.Tensor]:
         """Render cached planes from cameras c (B, 25): {'image', 'image_raw', 'image_depth'}."""
-        res = neural_rendering_resolution or self.neural_rendering_resolution
+        res = neural_rendering_resolution or self.config.neural_rendering_resolution
         origins, dirs = camera_rays(c, res)
         opts = self.config.render_options(deterministic, depth_multiplier)
         features, depth, _ = self.renderer(planes, self.decoder, origins, dirs, opts)

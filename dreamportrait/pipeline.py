@@ -90,7 +90,7 @@ class DreamPortraitPipeline:
         else:
             raise CheckpointError(f"{file} holds a {meta.kind!r} model, not a generator")
         info = {"file": str(file), "kind": meta.kind, "resolution": G.config.img_resolution,
-                "neural_resolution": G.neural_rendering_resolution, **meta.extra}
+                "neural_resolution": G.config.neural_rendering_resolution, **meta.extra}
         return cls(G, encoder, device, info)
 
     @property
