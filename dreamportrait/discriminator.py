@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, load_model_file, save_model_file
 from .layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
+from .ops import resize
 
 
 @dataclass
@@ -134,8 +134,7 @@ class DualDiscriminator(nn.Module):
 
     def forward(self, img: dict[str, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
         size = img["image"].shape[-1]
-        raw = F.interpolate(img["image_raw"], size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=True)
+        raw = resize(img["image_raw"], size)
         x_img = torch.cat([img["image"], raw], dim=1)
         x = None
         for res in self.resolutions:

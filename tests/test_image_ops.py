@@ -35,3 +35,15 @@ def test_resize_is_eg3d_filtered_resizing_in_float32():
     assert torch.equal(resize(x, (10, 12)), expect)
     assert torch.equal(resize(x, 48, antialias=False), F.interpolate(x, size=(48, 48), mode="bilinear",
                                                                      align_corners=False))
+
+
+def test_discriminator_reads_bfloat16_renders_under_autocast():
+    """Its resize of the raw render used to fail: "compute_index_ranges_weights" not implemented for 'BFloat16'."""
+    from dreamportrait.cameras import camera_label
+    from dreamportrait.discriminator import DiscriminatorConfig, DualDiscriminator
+    torch.manual_seed(0)
+    D = DualDiscriminator(DiscriminatorConfig(img_resolution=32, channel_base=256, channel_max=32))
+    img = {"image": torch.randn(2, 3, 32, 32).bfloat16(), "image_raw": torch.randn(2, 3, 16, 16).bfloat16()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = D(img, camera_label([0.0, 10.0], [0.0, 0.0]))
+    assert logits.shape == (2, 1) and torch.isfinite(logits.float()).all()
