@@ -84,7 +84,7 @@ def test_image_gradient_equals_encoder_jacobian_transpose_times_sds_direction(
     images = torch.randn(2, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(1))
     images = images.tanh().requires_grad_(True)
     text = teacher.encode_prompts(PROMPTS)
-    out = sds(images, text, generator=torch.Generator().manual_seed(7))
+    out = sds.from_embeddings(images, text, generator=torch.Generator().manual_seed(7))
     out.loss.backward()
 
     # The same draws, in the documented order: timesteps, then noise.
@@ -145,7 +145,7 @@ def test_sds_gradient_uses_unit_gaussian_norm_noises_when_rescaling(linear_teach
     """With rescaling and uniform weight, ||g|| <= 2 sqrt(CHW) even at guidance 100."""
     sds = DistributionSDS(linear_teacher, DistributionSDSConfig(weighting="uniform"))
     images = torch.rand(2, 3, TINY.image_size, TINY.image_size) * 2 - 1
-    out = sds(images, linear_teacher.encode_prompts(PROMPTS), generator=torch.Generator().manual_seed(0))
+    out = sds.from_embeddings(images, linear_teacher.encode_prompts(PROMPTS), generator=torch.Generator().manual_seed(0))
     limit = 2 * (TINY.latent_channels * TINY.latent_size ** 2) ** 0.5
     assert out.stats["eps_hat_norm"] > limit  # guidance 100 inflates the raw prediction
     assert out.stats["grad_norm"] <= limit + 1e-4
@@ -212,7 +212,7 @@ def test_pipeline_folder_end_to_end_step_reaches_the_image(teacher_folder, folde
     latents = teacher.encode_images(images)
     assert latents.shape == (2, TINY.latent_channels, TINY.latent_size, TINY.latent_size)
 
-    out = DistributionSDS(teacher)(images, text, generator=torch.Generator().manual_seed(0))
+    out = DistributionSDS(teacher).from_embeddings(images, text, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss) and out.loss > 0
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
@@ -226,11 +226,55 @@ def test_half_precision_teacher_keeps_fp32_loss(teacher_folder):
     assert next(teacher.text_encoder.parameters()).dtype == torch.bfloat16
     assert next(teacher.vae.parameters()).dtype == torch.float32
     images = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
-    out = DistributionSDS(teacher)(images, teacher.encode_prompts(PROMPTS))
+    out = DistributionSDS(teacher).from_embeddings(images, teacher.encode_prompts(PROMPTS))
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and images.grad.dtype == torch.float32
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert_teacher_untouched(teacher)
+
+
+def test_teacher_keeps_its_own_precision_under_bf16_autocast(folder_teacher):
+    """bf16 training runs G and D under autocast; the guidance step inside it must not change the
+    teacher's precision: the VAE encoder (the gradient's path) and the U-Net run in float32 here."""
+    teacher, seen = folder_teacher, {}
+    modules = {"vae": teacher.vae.encoder.conv_in, "unet": teacher.unet.conv_in,
+               "text_encoder": teacher.text_encoder.encoder.layers[0].mlp.fc1}
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype
+        return hook
+    hooks = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    images = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = DistributionSDS(teacher)(["a prompt never encoded before", "another new one"], images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"vae": torch.float32, "unet": torch.float32, "text_encoder": torch.float32}
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and images.grad.dtype == torch.float32
+
+
+def test_guidance_encodes_each_prompt_once_and_keeps_the_recent_ones(folder_teacher, monkeypatch):
+    """Prompts in, loss out: the embeddings are the teacher's, cached by prompt (least recently used go)."""
+    encoded, encode = [], folder_teacher.encode_prompts
+    monkeypatch.setattr(folder_teacher, "encode_prompts", lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    sds = DistributionSDS(folder_teacher, cache_size=2)
+    a, b, c = PROMPTS + ["a third prompt"]
+    torch.testing.assert_close(sds.embed([a, b, a]), encode([a, b, a]))
+    sds.embed([b, a])
+    assert encoded == [[a, b]]
+    sds.embed([c])  # evicts b, the least recently used
+    sds.embed([a])
+    sds.embed([b])
+    assert encoded == [[a, b], [c], [b]]
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    draws = lambda: torch.Generator().manual_seed(0)
+    torch.testing.assert_close(sds([a, c], images, generator=draws()).loss,
+                               sds.from_embeddings(images, encode([a, c]), generator=draws()).loss)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        sds([a], images)
 
 
 def test_sd2_style_pndm_scheduler_folder_loads_with_the_sd_schedule(teacher_folder, tmp_path):

@@ -7,20 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fixtures_path import REPO
 from train_data import write_tiny_dataset
 
-from train import setup
+from dreamportrait.generator import preset as generator_preset
 from train.config import PRESETS, STAGES, apply_overrides, preset, validate
 from train.gan_loss import GANLoss
+from train.loop import phase_loss
+from train.models import build_models
+from train.sampling import BatchSampler, open_data
 from world.tiny_teacher import write_tiny_teacher_folder
 
 FAST = ["batch=4", "snapshot_every_kimg=0.008", "image_every_kimg=1000",
         "gan.blur_init_sigma=1.0", "text.open_clip_folder=null",
-        'text.open_clip_config={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}', "gan.neural_rendering_resolution_initial=16", "text.adapter_resolutions=[8,32]"]
+        'text.open_clip_config={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}',
+        "generator=" + json.dumps(generator_preset("tiny", neural_rendering_resolution=16).to_dict()),
+        "text.condition.text_dim=32", "text.condition.adapter_resolutions=[8,32]"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_every_loss_term_reaches_exactly_its_parameters(world):
     from train.teacher import DiffusionTeacher
     torch.manual_seed(0)
     cfg = config(data, "stage1.init=null")
-    built = setup.build(cfg, "stage1", torch.device("cpu"))
+    built = build_models(cfg, "stage1", torch.device("cpu"), 64)
     G, D, enc = built.G, built.D, built.text_encoder
     assert isinstance(G, DreamPortraitGenerator)
     with torch.no_grad():  # open the zero-initialised text paths so every weight is reachable
@@ -60,16 +66,16 @@ def test_every_loss_term_reaches_exactly_its_parameters(world):
                 p.normal_()
     teacher = DiffusionTeacher.from_pretrained(teacher)
     sds = DistributionSDS(teacher, cfg.sds)
-    batch = setup.next_batch(built.data, built.data.sampler(0, 1, 0), 4, G, enc, torch.device("cpu"))
+    batch = BatchSampler(open_data(data), G.config.z_dim, seed=0).next_batch(4, "cpu")
+    cond = {"text": enc(batch.gen_captions)}
 
-    def run(phase, module, gan_weight=1.0, extra=None):
-        loss = GANLoss(G, D, cfg.gan, gan_weight=gan_weight)
+    def run(phase, module, gan_weight=1.0, guidance=None):
         G.zero_grad(set_to_none=True)
         D.zero_grad(set_to_none=True)
         G.requires_grad_(module == "G")
         D.requires_grad_(module == "D")
-        loss.accumulate(phase, batch.real_img, batch.real_c, batch.gen_z, batch.gen_c, 1.0, 0,
-                        gen_cond=batch.gen_cond, extra_G_loss=extra)
+        loss, _ = phase_loss(phase, batch, cond, GANLoss(G, D, cfg.gan), guidance, gan_weight, 0)
+        loss.backward()
         return grads(G), grads(D)
 
     g, d = run("Gmain", "G")
@@ -77,7 +83,7 @@ def test_every_loss_term_reaches_exactly_its_parameters(world):
     g, d = run("Greg", "G")  # density regularisation: planes + decoder, never the super-resolution
     assert all(v for n, v in g.items() if not n.startswith("superresolution."))
     assert not any(v for n, v in g.items() if n.startswith("superresolution.")) and not any(d.values())
-    g, d = run("Gmain", "G", gan_weight=0.0, extra=setup.sds_loss(sds, batch.gen_captions))  # SDS alone
+    g, d = run("Gmain", "G", gan_weight=0.0, guidance=sds)  # SDS alone
     assert all(g.values()) and not any(d.values())
     g, d = run("Dmain", "D")
     assert all(d.values()) and not any(g.values())
@@ -134,6 +140,77 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(world, tmp_path):
             if k.startswith("loss/"):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
     assert weights_digest(resumed.G_ema) == weights_digest(full.G_ema)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(world):
+    """A stage-1 run folder for stage-2 runs to start from (exported before any step)."""
+    from train.loop import train
+    root, data, _ = world
+    train(config(data, "stage1.kimg=0", "stage1.init=null"), "stage1", root / "stage1-init", progress=False)
+    return root / "stage1-init"
+
+
+def assert_resume_is_exact(stage, data, tmp_path, *overrides):
+    """Three steps in one run, and two steps then a resumed third: the same losses and EMA weights."""
+    from train.loop import train
+    cfg = lambda kimg: config(data, f"{stage}.kimg={kimg}", "snapshot_every_kimg=0.004", *overrides)
+    full = train(cfg(0.012), stage, tmp_path / "full", progress=False)
+    train(cfg(0.008), stage, tmp_path / "split", progress=False)
+    resumed = train(cfg(0.012), stage, tmp_path / "split", resume=True, progress=False)
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        losses = lambda r: {k: v for k, v in r.items() if k.startswith("loss/")}
+        assert losses(rb) == pytest.approx(losses(ra), rel=1e-5, abs=1e-7), ra["step"]
+    assert weights_digest(resumed.G_ema) == weights_digest(full.G_ema)
+
+
+def test_stage1_resume_draws_the_same_captions(world, tmp_path):
+    """The caption sampler's state is saved with the run, so a resumed stage 1 sees the same prompts."""
+    assert_resume_is_exact("stage1", world[1], tmp_path, "stage1.init=null")
+
+
+def test_stage2_resume_draws_the_same_captions_and_sds_noise(world, stage1_run, tmp_path):
+    root, data, teacher = world
+    assert_resume_is_exact("stage2", data, tmp_path, f"stage2.init={stage1_run}", f"teacher={teacher}")
+
+
+def test_bf16_autocast_trains_every_phase_of_stage2(world, stage1_run, tmp_path):
+    """bf16=true is offered, so it must run: G, D (antialiased resizes included), R1, density
+    regularisation and distribution SDS, with finite losses."""
+    from train.loop import train
+    root, data, teacher = world
+    train(config(data, "bf16=true", "stage2.kimg=0.004", f"stage2.init={stage1_run}", f"teacher={teacher}"),
+          "stage2", tmp_path / "run", progress=False)
+    (record,) = read_log(tmp_path / "run")
+    losses = {k: v for k, v in record.items() if k.startswith("loss/")}
+    assert sorted(losses) == ["loss/D_fake", "loss/D_real", "loss/G", "loss/density_reg", "loss/r1", "loss/sds"]
+    assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_exported_generator_records_the_trained_rendering_resolution(world, tmp_path):
+    """The neural rendering resolution fades from the generator's own to gan.*_final; the exported
+    generator renders at the value it was trained at."""
+    from dreamportrait.generator import TriPlaneGenerator
+    from train.loop import train
+    root, data, _ = world
+    train(config(data, "prior.kimg=0.008", "gan.neural_rendering_resolution_final=32",
+                 "gan.neural_rendering_resolution_fade_kimg=0.008"), "prior", tmp_path / "run", progress=False)
+    G = TriPlaneGenerator.from_pretrained(tmp_path / "run" / "generator.safetensors")
+    assert G.config.neural_rendering_resolution == 24  # 16 -> 32 over 8 images; the last step ran at 4 images
+    c = G.conditioning_label()
+    ws = G.mapping(torch.randn(1, G.config.z_dim), c)
+    assert G.render(G.synthesize_planes(ws), ws, c)["image_raw"].shape[-1] == 24
+
+
+def test_stage_init_must_be_a_run_folder(world, tmp_path):
+    from train.loop import train
+    root, data, _ = world
+    train(config(data, "prior.kimg=0"), "prior", tmp_path / "prior", progress=False)
+    with pytest.raises(FileNotFoundError, match="init is a run folder"):
+        train(config(data, f"stage1.init={tmp_path / 'prior' / 'generator.safetensors'}"), "stage1", tmp_path / "s1",
+              progress=False)
 
 
 def test_every_preset_validates_for_every_stage():

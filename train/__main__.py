@@ -6,7 +6,8 @@
 Overrides use dotted keys of train.config.TrainConfig, values in JSON: ``batch=16``,
 ``stage2.kimg=2``, ``sds.guidance_scale=50``, ``data=data/my-set``. Each stage writes to
 ``--run-dir`` (default runs/PRESET/STAGE): generator.safetensors (EMA weights, loadable by the
-app), discriminator.safetensors, training-state.pt (resume), log.jsonl, tensorboard/, images/.
+app), discriminator.safetensors, state.pt (resume), config.json, log.jsonl, tensorboard/,
+samples/. A stage's ``init`` is the previous stage's run folder.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS), help="named configuration")
     ap.add_argument("--stage", default="stage1", choices=STAGES, help="prior | stage1 | stage2")
     ap.add_argument("--run-dir", default=None, help="output folder (default runs/PRESET/STAGE)")
-    ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/training-state.pt")
+    ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state.pt (a longer STAGE.kimg "
+                    "may be given; every other setting must be the run's)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, JSON values)")
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir or f"runs/{args.preset}/{args.stage}")
     try:
         out = train(cfg, args.stage, run_dir, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done: {out.generator_file} ({out.cur_nimg / 1000:.3f} kimg)")

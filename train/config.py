@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from dreamportrait.text_generator import TextConditionConfig
 from train.distribution_sds import DistributionSDSConfig
 from train.gan_loss import GANLossConfig
 
@@ -32,37 +33,38 @@ class OptimConfig:
 
 @dataclass
 class TextConfig:
-    """Which frozen text encoder the generator reads (see dreamportrait.text_encoder)."""
+    """Which frozen text encoder the generator reads (see dreamportrait.text_encoder), and how
+    text enters the generator (the library's own config; ``condition.text_dim`` must be the
+    encoder's width, checked when training starts)."""
     open_clip_model: str | None = None          # e.g. 'ViT-H-14'
     open_clip_pretrained: str | None = None     # e.g. 'laion2b_s32b_b79k' (from the open_clip cache) or a file
     open_clip_config: dict | None = None        # a small text config built with open_clip's classes
     open_clip_folder: str | None = None         # an open_clip model folder (the synthetic world's small CLIP)
     sd_pipeline: str | None = None              # or the text_encoder of a Stable-Diffusion-style folder
+    minilm: str | None = None                   # or 'sentence-transformers/all-MiniLM-L6-v2' (pip package) or its folder
     seed: int = 0                               # initialisation seed of a config-built encoder
-    adapter_resolutions: tuple | None = None    # None: adapter_count blocks spread from 4^2 to the top
-    adapter_count: int = 6
+    condition: TextConditionConfig = field(default_factory=TextConditionConfig)
 
 
 @dataclass
 class StageConfig:
     kimg: float = 10.0                          # images to train in this stage, in thousands
-    init: str | None = None                     # checkpoint to start from (previous stage / converted EG3D)
+    init: str | None = None                     # run folder to start from: the previous stage's, or converted EG3D
     freeze_G: bool = False
     freeze_D: bool = False
     grad_accum: int = 1                         # micro-batches per optimiser step
-    gan_weight: float = 1.0                     # stage2: weight of the GAN term next to distribution SDS
+    gan_weight: float = 1.0                     # weight of the GAN term in G's objective (next to the guidance)
 
 
 @dataclass
 class TrainConfig:
     preset: str = "custom"
     data: str = ""                              # EG3D-format data set (folder or zip) with captions.json
-    generator: str | dict = "tiny"              # preset name or GeneratorConfig dict (prior stage)
+    generator: str | dict = "tiny"              # preset name or GeneratorConfig dict (a stage without init)
     batch: int = 8                              # global batch (all ranks, one optimiser step)
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False                          # bf16 autocast for G/D forward passes
-    workers: int = 0
+    bf16: bool = False                          # bf16 autocast for G/D forward passes (the teacher keeps its own)
     gan: GANLossConfig = field(default_factory=GANLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -139,27 +141,28 @@ PRESETS: dict[str, TrainConfig] = {
     "synthetic-tiny": TrainConfig(
         preset="synthetic-tiny", data="data/synthetic-64", generator="tiny", batch=8, bf16=False,
         gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=2.0, blur_fade_kimg=2.0, gpc_reg_prob=0.5,
-                          gpc_reg_fade_kimg=5.0, neural_rendering_resolution_initial=32),
+                          gpc_reg_fade_kimg=5.0),
         optim=OptimConfig(g_lr=0.0025, d_lr=0.002, ema_kimg=1.0, ema_rampup=0.05),
-        text=TextConfig(open_clip_folder="checkpoints/synthetic-clip", adapter_resolutions=(4, 8, 16, 32, 64)),
+        text=TextConfig(open_clip_folder="checkpoints/synthetic-clip",
+                        condition=TextConditionConfig(text_dim=128, adapter_resolutions=(4, 8, 16, 32, 64))),
         sds=DistributionSDSConfig(guidance_scale=7.5),  # the small teacher's best scale (world/RESULTS.md, §3)
         teacher="checkpoints/synthetic-teacher",
-        prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior/final.safetensors"),
-        stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1/final.safetensors", grad_accum=1),
+        prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior"),
+        stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1", grad_accum=1),
         snapshot_every_kimg=0.1, image_every_kimg=0.1,
         eval_prompts=("A young woman with long blond hair.", "An old man with a full beard and glasses.")),
     # The paper: CelebAText-HQ at 512, EG3D FFHQ 512 weights, OpenCLIP ViT-H/14, SD 2.0-base, 8 GPUs.
     "celebatext-512": TrainConfig(
         preset="celebatext-512", data="data/celebatext-hq-512.zip", generator="eg3d-ffhq-512", batch=32,
-        gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=0.0, gpc_reg_prob=0.5, gpc_reg_fade_kimg=0.0,
-                          neural_rendering_resolution_initial=128),
+        gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=0.0, gpc_reg_prob=0.5, gpc_reg_fade_kimg=0.0),
         optim=OptimConfig(),
-        text=TextConfig(open_clip_model="ViT-H-14", open_clip_pretrained="laion2b_s32b_b79k"),
+        text=TextConfig(open_clip_model="ViT-H-14", open_clip_pretrained="laion2b_s32b_b79k",
+                        condition=TextConditionConfig(text_dim=1024)),
         sds=DistributionSDSConfig(guidance_scale=100.0),
         teacher="stabilityai/stable-diffusion-2-base",
         prior=StageConfig(kimg=0.0),
         stage1=StageConfig(kimg=500.0, init="checkpoints/eg3d-ffhq512-128"),
-        stage2=StageConfig(kimg=1000.0, init="runs/celebatext-512/stage1/final.safetensors", grad_accum=2),
+        stage2=StageConfig(kimg=1000.0, init="runs/celebatext-512/stage1", grad_accum=2),
         snapshot_every_kimg=50.0, image_every_kimg=20.0,
         eval_prompts=("A woman is smiling with her teeth showing.", "This man has a beard and wears glasses.")),
 }
@@ -199,5 +202,6 @@ def validate(cfg: TrainConfig, stage: str) -> None:
             raise ValueError("stage2 must start from a stage1 checkpoint: set stage2.init")
         if cfg.sds.weighting not in WEIGHTINGS:
             raise ValueError(f"sds.weighting must be one of {sorted(WEIGHTINGS)}")
-    if cfg.gan.neural_rendering_resolution_initial < 4:
-        raise ValueError("gan.neural_rendering_resolution_initial must be >= 4")
+    final = cfg.gan.neural_rendering_resolution_final
+    if final is not None and final < 4:
+        raise ValueError(f"gan.neural_rendering_resolution_final={final} must be >= 4 (or null: the generator's own)")

@@ -157,6 +157,10 @@ class PortraitDataset(torch.utils.data.Dataset):
                                f"image is {self.resolution}x{self.resolution}")
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
+    def uint8_images(self) -> torch.Tensor:
+        """Every image, decoded once: (N, 3, R, R) uint8 (small data sets held in memory)."""
+        return torch.stack([self._decode(i) for i in range(len(self))])
+
     def __getitem__(self, i: int) -> dict:
         image = self._decode(i).to(torch.float32) / 127.5 - 1.0
         return {"image": image, "label": self.labels[i].clone(), "caption": self.caption(i), "index": i}

@@ -20,12 +20,21 @@ for rendered images x = g(theta, z, y) in [-1, 1]:
    latent elements and a batch mean, so d loss / d x' = loss_weight * g / B (up to fp32
    rounding of x' - (x' - g)) and the loss value is loss_weight * 0.5 * ||g||^2 / B, which is
    informative to log (threestudio's form). Computed in fp32 whatever the teacher dtype.
+
+As a :class:`train.guidance.Guidance` it takes prompts and images: it encodes the prompts with
+the teacher's own text encoder and keeps the embeddings of recent prompts (captions repeat from
+step to step). Precision is the teacher's, never the caller's: the teacher runs with autocast
+off (VAE in its ``vae_dtype``, float32 by default, since the gradient flows through it; U-Net and
+text encoder in its ``dtype``), and the images are taken in float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+
+from train.guidance import Guidance, GuidanceOutput
 
 # w(t) as a function of alpha_bar_t: DreamFusion's 1 - alpha_bar (= sigma_t^2), uniform, Fantasia3D's.
 WEIGHTINGS = {
@@ -60,13 +69,11 @@ class DistributionSDSConfig:
             raise ValueError(f"loss_weight {self.loss_weight} must be >= 0")
 
 
-@dataclass
-class DistributionSDSOutput:
-    """The differentiable loss, the sampled timesteps and detached scalar statistics for logging."""
+@dataclass(kw_only=True)
+class DistributionSDSOutput(GuidanceOutput):
+    """The differentiable loss and detached statistics, plus the sampled timesteps."""
 
-    loss: torch.Tensor
     timesteps: torch.Tensor
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def rescale_to_gaussian_norm(noise: torch.Tensor) -> torch.Tensor:
@@ -75,14 +82,37 @@ def rescale_to_gaussian_norm(noise: torch.Tensor) -> torch.Tensor:
     return noise * (noise[0].numel() ** 0.5 / norm).view(-1, *([1] * (noise.ndim - 1)))
 
 
-class DistributionSDS:
-    """Distribution SDS loss against a frozen :class:`train.teacher.DiffusionTeacher`."""
+class DistributionSDS(Guidance):
+    """Distribution SDS loss against a frozen :class:`train.teacher.DiffusionTeacher`; keeps the
+    teacher's embeddings of the last ``cache_size`` prompts."""
 
-    def __init__(self, teacher, config: DistributionSDSConfig = DistributionSDSConfig()):
+    name = "sds"
+
+    def __init__(self, teacher, config: DistributionSDSConfig = DistributionSDSConfig(), cache_size: int = 1024):
         self.teacher, self.config = teacher, config
         steps = teacher.num_train_timesteps
         self.min_step, self.max_step = int(steps * config.t_range[0]), int(steps * config.t_range[1])
         self.max_step = min(self.max_step, steps - 1)
+        self.cache_size, self._embeddings = cache_size, OrderedDict()
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """The teacher's text embeddings (B, L, D) of ``prompts``, encoding only those not cached."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
+        if new:
+            self._embeddings.update((p, e.clone()) for p, e in zip(new, self.teacher.encode_prompts(new).split(1)))
+        out = torch.cat([self._embeddings[p] for p in prompts])
+        for p in prompts:
+            self._embeddings.move_to_end(p)
+        while len(self._embeddings) > self.cache_size:
+            self._embeddings.popitem(last=False)
+        return out
+
+    def __call__(self, prompts: list[str], images: torch.Tensor,
+                 generator: torch.Generator | None = None) -> DistributionSDSOutput:
+        """Loss for images (B, 3, H, W) in [-1, 1] rendered for ``prompts`` (see :meth:`from_embeddings`)."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one prompt per image")
+        return self.from_embeddings(images, self.embed(prompts), generator=generator)
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One integer timestep per sample, uniform in [min_step, max_step] inclusive."""
@@ -93,15 +123,15 @@ class DistributionSDS:
         """w(t) for the configured weighting, shape (B,)."""
         return WEIGHTINGS[self.config.weighting](self.teacher.alphas_cumprod[timesteps])
 
-    def __call__(self, images: torch.Tensor, text_emb: torch.Tensor, uncond_emb: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> DistributionSDSOutput:
+    def from_embeddings(self, images: torch.Tensor, text_emb: torch.Tensor, uncond_emb: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> DistributionSDSOutput:
         """Loss for rendered images (B, 3, H, W) in [-1, 1] and their text embeddings (B, L, D).
 
         ``uncond_emb`` defaults to the teacher's empty-prompt embedding. With a ``generator``
         (on the teacher's device) the draws are reproducible: timesteps first, then the noise.
         """
         config, teacher = self.config, self.teacher
-        latents = teacher.encode_images(images)
+        latents = teacher.encode_images(images.float())
         batch = latents.shape[0]
         if uncond_emb is None:
             uncond_emb = teacher.uncond_embedding()

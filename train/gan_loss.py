@@ -1,6 +1,11 @@
 """EG3D's GAN objective: non-saturating logistic loss with the dual discriminator, lazy R1 on
 real image and raw image, density regularisation, blurring at the start of training and
-generator pose conditioning with a fading swap probability.
+generator pose conditioning with a fading swap probability. Each term returns its loss (and
+the scalars to log); the training loop weighs, sums and backpropagates them.
+
+The neural rendering resolution belongs to the generator (``GeneratorConfig``): training
+renders at it, or fades from it to ``neural_rendering_resolution_final`` as EG3D's fine-tuning
+does, and the loop exports the value it trained at.
 
 The generator may be a plain :class:`~dreamportrait.generator.TriPlaneGenerator` (prior
 training) or the text-conditioned generator; text reaches it through ``cond`` keyword
@@ -14,22 +19,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dreamportrait.ops import upfirdn2d
+from dreamportrait.ops import resize, upfirdn2d
 
 
 @dataclass
 class GANLossConfig:
     """Defaults are EG3D's FFHQ values (batch 32)."""
     r1_gamma: float = 1.0
-    density_reg: float = 0.25
+    density_reg: float = 0.25                      # 0: no density regularisation phase
     density_reg_p_dist: float = 0.004
     density_reg_points: int = 1000
     blur_init_sigma: float = 10.0
     blur_fade_kimg: float = 200.0
-    gpc_reg_prob: float | None = 0.5       # None: no generator pose conditioning (c = 0)
+    gpc_reg_prob: float | None = 0.5               # None: no generator pose conditioning (c = 0)
     gpc_reg_fade_kimg: float = 1000.0
-    neural_rendering_resolution_initial: int = 64
-    neural_rendering_resolution_final: int | None = None
+    neural_rendering_resolution_final: int | None = None   # None: the generator's own, throughout
     neural_rendering_resolution_fade_kimg: float = 1000.0
 
 
@@ -45,16 +49,12 @@ def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return upfirdn2d(img, f / f.sum(), padding=pad)
 
 
-def resize_antialiased(img: torch.Tensor, size: int) -> torch.Tensor:
-    """EG3D's 'antialiased' filtered resizing (bilinear, antialias=True)."""
-    return F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
 class GANLoss:
-    """Computes and backpropagates one phase ('Gmain', 'Greg', 'Dmain', 'Dreg') of EG3D's loss."""
+    """EG3D's loss terms for the generator G and the discriminator D, on one micro-batch."""
 
-    def __init__(self, G, D, cfg: GANLossConfig, gan_weight: float = 1.0):
-        self.G, self.D, self.cfg, self.gan_weight = G, D, cfg, gan_weight
+    def __init__(self, G, D, cfg: GANLossConfig):
+        self.G, self.D, self.cfg = G, D, cfg
+        self.initial_resolution = G.config.neural_rendering_resolution
 
     # Schedules ---------------------------------------------------------------------------
     def blur_sigma(self, cur_nimg: int) -> float:
@@ -70,11 +70,11 @@ class GANLoss:
         return (1 - alpha) + alpha * self.cfg.gpc_reg_prob
 
     def neural_rendering_resolution(self, cur_nimg: int) -> int:
-        c = self.cfg
+        c, start = self.cfg, self.initial_resolution
         if c.neural_rendering_resolution_final is None:
-            return c.neural_rendering_resolution_initial
+            return start
         alpha = min(cur_nimg / (c.neural_rendering_resolution_fade_kimg * 1e3), 1)
-        return int(round(c.neural_rendering_resolution_initial * (1 - alpha) + c.neural_rendering_resolution_final * alpha))
+        return int(round(start * (1 - alpha) + c.neural_rendering_resolution_final * alpha))
 
     # Pieces ------------------------------------------------------------------------------
     def conditioning(self, c: torch.Tensor, swapping_prob: float | None, per_sample: bool = True) -> torch.Tensor:
@@ -85,68 +85,49 @@ class GANLoss:
         shape = (c.shape[0], 1) if per_sample else ()
         return torch.where(torch.rand(shape, device=c.device) < swapping_prob, swapped, c)
 
-    def run_G(self, z, c, swapping_prob, nrr, cond: dict, update_emas: bool = False):
-        ws = self.G.mapping(z, self.conditioning(c, swapping_prob), update_emas=update_emas, **cond)
-        return self.G.synthesis(ws, c, neural_rendering_resolution=nrr, **cond), ws
+    def fakes(self, z, c, cond: dict, cur_nimg: int, update_emas: bool = False) -> dict:
+        """Generated images {'image', 'image_raw', ...} for (z, camera c, text ``cond``)."""
+        ws = self.G.mapping(z, self.conditioning(c, self.swapping_prob(cur_nimg)), update_emas=update_emas, **cond)
+        return self.G.synthesis(ws, c, neural_rendering_resolution=self.neural_rendering_resolution(cur_nimg),
+                                **cond)
 
-    def run_D(self, img: dict, c: torch.Tensor, blur_sigma: float):
-        img = dict(img, image=blur(img["image"], blur_sigma))
+    def logits(self, img: dict, c: torch.Tensor, cur_nimg: int) -> torch.Tensor:
+        img = dict(img, image=blur(img["image"], self.blur_sigma(cur_nimg)))
         return self.D(img, c)
 
-    def real_pair(self, real_img: torch.Tensor, nrr: int, blur_sigma: float) -> dict:
-        return {"image": real_img, "image_raw": blur(resize_antialiased(real_img, nrr), blur_sigma)}
+    def reals(self, real_img: torch.Tensor, cur_nimg: int) -> dict:
+        raw = resize(real_img, self.neural_rendering_resolution(cur_nimg))
+        return {"image": real_img, "image_raw": blur(raw, self.blur_sigma(cur_nimg))}
 
-    # Phases ------------------------------------------------------------------------------
-    def accumulate(self, phase: str, real_img, real_c, gen_z, gen_c, gain: float, cur_nimg: int,
-                   gen_cond: dict | None = None, extra_G_loss=None) -> dict[str, float]:
-        """Backpropagate ``phase`` scaled by ``gain``; returns the scalar losses for logging.
+    # Terms -------------------------------------------------------------------------------
+    def generator_loss(self, fake: dict, c: torch.Tensor, cur_nimg: int) -> torch.Tensor:
+        """Non-saturating: softplus(-D(G(z)))."""
+        return F.softplus(-self.logits(fake, c, cur_nimg)).mean()
 
-        ``extra_G_loss(gen_img) -> (loss, stats)`` is added to the G main loss (distribution SDS in
-        stage 2, on the same rendered fakes); the GAN term is then weighted by ``gan_weight``.
-        """
-        gen_cond = gen_cond or {}
-        sigma = self.blur_sigma(cur_nimg)
-        p = self.swapping_prob(cur_nimg)
-        nrr = self.neural_rendering_resolution(cur_nimg)
-        stats = {}
-        if phase == "Gmain":
-            gen_img, _ = self.run_G(gen_z, gen_c, p, nrr, gen_cond)
-            loss = F.softplus(-self.run_D(gen_img, gen_c, sigma)).mean()
-            total = loss * self.gan_weight
-            if extra_G_loss is not None:
-                extra, extra_stats = extra_G_loss(gen_img)
-                total = total + extra
-                stats.update(extra_stats)
-            total.mul(gain).backward()
-            stats["loss/G"] = loss.item()
-        elif phase == "Greg":
-            if self.cfg.density_reg > 0:
-                ws = self.G.mapping(gen_z, self.conditioning(gen_c, p, per_sample=False), **gen_cond)
-                pts = torch.rand(ws.shape[0], self.cfg.density_reg_points, 3, device=ws.device) * 2 - 1
-                perturbed = pts + torch.randn_like(pts) * self.cfg.density_reg_p_dist
-                sigma_all = self.G.sample_mixed(torch.cat([pts, perturbed], dim=1), ws, **gen_cond)["sigma"]
-                half = sigma_all.shape[1] // 2
-                loss = F.l1_loss(sigma_all[:, :half], sigma_all[:, half:]) * self.cfg.density_reg
-                loss.mul(gain).backward()
-                stats["loss/density_reg"] = loss.item()
-        elif phase == "Dmain":
-            with torch.no_grad():
-                gen_img, _ = self.run_G(gen_z, gen_c, p, nrr, gen_cond, update_emas=True)
-            loss_fake = F.softplus(self.run_D(gen_img, gen_c, sigma))
-            loss_fake.mean().mul(gain).backward()
-            real = self.real_pair(real_img, nrr, sigma)
-            loss_real = F.softplus(-self.run_D(real, real_c, sigma))
-            loss_real.mean().mul(gain).backward()
-            stats["loss/D_fake"], stats["loss/D_real"] = loss_fake.mean().item(), loss_real.mean().item()
-        elif phase == "Dreg":
-            real = self.real_pair(real_img, nrr, sigma)
-            image = real["image"].detach().requires_grad_(True)
-            raw = real["image_raw"].detach().requires_grad_(True)
-            logits = self.run_D({"image": image, "image_raw": raw}, real_c, sigma)
-            g_img, g_raw = torch.autograd.grad(logits.sum(), [image, raw], create_graph=True)
-            penalty = g_img.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])
-            (penalty * (self.cfg.r1_gamma / 2)).mean().mul(gain).backward()
-            stats["loss/r1"] = penalty.mean().item()
-        else:
-            raise ValueError(f"unknown phase {phase!r}")
-        return stats
+    def density_loss(self, z, c, cond: dict, cur_nimg: int) -> torch.Tensor:
+        """L1 between densities at random points and at slightly perturbed copies."""
+        ws = self.G.mapping(z, self.conditioning(c, self.swapping_prob(cur_nimg), per_sample=False), **cond)
+        pts = torch.rand(ws.shape[0], self.cfg.density_reg_points, 3, device=ws.device) * 2 - 1
+        perturbed = pts + torch.randn_like(pts) * self.cfg.density_reg_p_dist
+        sigma = self.G.sample_mixed(torch.cat([pts, perturbed], dim=1), ws, **cond)["sigma"]
+        half = sigma.shape[1] // 2
+        return F.l1_loss(sigma[:, :half], sigma[:, half:]) * self.cfg.density_reg
+
+    def discriminator_loss(self, gen_z, gen_c, cond: dict, real_img, real_c, cur_nimg: int
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+        """softplus(D(G(z))) + softplus(-D(x)); G only supplies the fakes."""
+        with torch.no_grad():
+            fake = self.fakes(gen_z, gen_c, cond, cur_nimg, update_emas=True)
+        loss_fake = F.softplus(self.logits(fake, gen_c, cur_nimg)).mean()
+        loss_real = F.softplus(-self.logits(self.reals(real_img, cur_nimg), real_c, cur_nimg)).mean()
+        return loss_fake + loss_real, {"loss/D_fake": loss_fake.item(), "loss/D_real": loss_real.item()}
+
+    def r1_loss(self, real_img, real_c, cur_nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """R1: gamma / 2 * |grad_x D(x)|^2 over the real image and its raw version."""
+        real = self.reals(real_img, cur_nimg)
+        image = real["image"].detach().requires_grad_(True)
+        raw = real["image_raw"].detach().requires_grad_(True)
+        logits = self.logits({"image": image, "image_raw": raw}, real_c, cur_nimg)
+        g_img, g_raw = torch.autograd.grad(logits.sum(), [image, raw], create_graph=True)
+        penalty = g_img.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])
+        return (penalty * (self.cfg.r1_gamma / 2)).mean(), {"loss/r1": penalty.mean().item()}

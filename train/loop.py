@@ -1,15 +1,16 @@
-"""The training loop, top to bottom: set-up, phases, EMA, logging, atomic checkpoints, resume.
+"""The training loop of every stage, top to bottom.
 
-One loop serves all three stages. Each optimiser step runs EG3D's phases — G main (plus
-distribution SDS in stage 2), G density regularisation every ``g_reg_interval`` steps, D main,
-D R1 every ``d_reg_interval`` steps — with lazy-regularisation learning-rate/beta adjustment,
-gradient accumulation over micro-batches and gradient averaging across ranks.
+Each optimiser step draws ``grad_accum`` micro-batches and runs EG3D's phases on them: G main
+(the generator's objective ``gan_weight * GAN + guidance``; the guidance is distribution SDS in
+stage 2, none before), G density regularisation every ``g_reg_interval`` steps, D main, D R1
+every ``d_reg_interval`` steps, with lazy-regularisation learning-rate/beta adjustment and
+gradient averaging across ranks; then the generator's EMA. The run folder (:class:`RunFiles`)
+logs every step and checkpoints atomically, so ``resume=True`` continues exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import setup
+from dreamportrait.cameras import camera_label
+from dreamportrait.checkpoints import GENERATOR_FILE
 from train.config import TrainConfig
 from train.distributed import (DistInfo, average_buffers, average_gradients, broadcast_module, cleanup,
                                init_distributed)
+from train.ema import ema_beta, update_ema
 from train.gan_loss import GANLoss
-
-STATE_FILE = "training-state.pt"
+from train.guidance import Guidance
+from train.models import build_models, export
+from train.run_files import RunFiles
+from train.sampling import Batch, BatchSampler, open_data
 
 
 @dataclass
@@ -37,7 +42,7 @@ class TrainResult:
 
 @dataclass
 class Phase:
-    name: str
+    name: str            # 'Gmain', 'Greg', 'Dmain' or 'Dreg'
     module: str          # 'G' or 'D'
     interval: int
 
@@ -48,42 +53,43 @@ def make_optimizer(params, lr: float, betas, eps: float, reg_interval: int) -> t
     return torch.optim.Adam(params, lr=lr * ratio, betas=tuple(b ** ratio for b in betas), eps=eps)
 
 
-def ema_beta(cfg: TrainConfig, cur_nimg: int) -> float:
-    """EG3D's EMA: half-life ema_kimg * batch / 32 thousand images, ramped up early in training."""
-    ema_nimg = cfg.optim.ema_kimg * 1000 * cfg.batch / 32
-    if cfg.optim.ema_rampup is not None:
-        ema_nimg = min(ema_nimg, cur_nimg * cfg.optim.ema_rampup)
-    return 0.5 ** (cfg.batch / max(ema_nimg, 1e-8))
+def phase_loss(phase: str, b: Batch, cond: dict, gan: GANLoss, guidance: Guidance | None, gan_weight: float,
+               cur_nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One phase's loss on one micro-batch, and the scalars to log."""
+    if phase == "Gmain":
+        fake = gan.fakes(b.gen_z, b.gen_c, cond, cur_nimg)
+        gan_loss = gan.generator_loss(fake, b.gen_c, cur_nimg)
+        guided = guidance(b.gen_captions, fake["image"]) if guidance is not None else None
+        loss = gan_weight * gan_loss + (guided.loss if guided is not None else 0.0)
+        stats = {"loss/G": gan_loss.item()}
+        if guided is not None:
+            stats[f"loss/{guidance.name}"] = guided.loss.item()
+            stats.update({f"{guidance.name}/{k}": float(v) for k, v in guided.stats.items()})
+        return loss, stats
+    if phase == "Greg":
+        loss = gan.density_loss(b.gen_z, b.gen_c, cond, cur_nimg)
+        return loss, {"loss/density_reg": loss.item()}
+    if phase == "Dmain":
+        return gan.discriminator_loss(b.gen_z, b.gen_c, cond, b.real_img, b.real_c, cur_nimg)
+    if phase == "Dreg":
+        return gan.r1_loss(b.real_img, b.real_c, cur_nimg)
+    raise ValueError(f"unknown phase {phase!r}")
 
 
 @torch.no_grad()
-def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
-    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-        b_ema.copy_(b)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_state_atomic(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def sample_grid(G_ema, text_encoder, prompts) -> torch.Tensor:
+    """Fixed seeds x fixed prompts (none without a text encoder), each from three yaws: 6 per row."""
+    device = next(G_ema.parameters()).device
+    rows = []
+    for prompt in (list(prompts) if text_encoder is not None and prompts else [None]):
+        z = torch.randn(2, G_ema.config.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        cond = {} if prompt is None else {"text": text_encoder([prompt] * 2).to(device)}
+        ws = G_ema.mapping(z, G_ema.conditioning_label(2, device), truncation_psi=0.7, **cond)
+        planes = G_ema.synthesize_planes(ws, noise_mode="const", **cond)
+        for yaw in (-30.0, 0.0, 30.0):
+            rows.append(G_ema.render(planes, ws, camera_label(yaw, 0.0).repeat(2, 1).to(device),
+                                     deterministic=True)["image"])
+    return torch.cat(rows)
 
 
 def train(cfg: TrainConfig, stage: str, run_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -96,82 +102,77 @@ def train(cfg: TrainConfig, stage: str, run_dir: str | Path, resume: bool = Fals
 
 
 def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: bool, info: DistInfo) -> TrainResult:
-    stage_cfg = cfg.stage(stage)
-    if cfg.batch % (info.world_size * stage_cfg.grad_accum) != 0:
+    st = cfg.stage(stage)
+    if cfg.batch % (info.world_size * st.grad_accum) != 0:
         raise ValueError(f"batch {cfg.batch} must be divisible by world size {info.world_size} x "
-                         f"grad_accum {stage_cfg.grad_accum}")
-    micro = cfg.batch // (info.world_size * stage_cfg.grad_accum)
-    state_path = run_dir / STATE_FILE
-    if resume and not state_path.exists():
-        raise FileNotFoundError(f"--resume: no {STATE_FILE} in {run_dir}; start without --resume")
-    # Everything that can fail on bad input is checked before any training work starts.
-    torch.manual_seed(cfg.seed)  # same initialisation of new modules on every rank and every run
-    built = setup.build(cfg, stage, info.device)
-    data, G, D, text_encoder, sds = built.data, built.G, built.D, built.text_encoder, built.sds
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed * 1000 + info.rank)
-    np.random.seed(cfg.seed * 1000 + info.rank)
-    random.seed(cfg.seed * 1000 + info.rank)
+                         f"grad_accum {st.grad_accum}")
+    micro = cfg.batch // (info.world_size * st.grad_accum)
+
+    # Data and models; everything that can fail on bad input fails here, before any training work.
+    data = open_data(cfg.data)
+    torch.manual_seed(cfg.seed)  # the same new modules on every rank and in every run
+    models = build_models(cfg, stage, info.device, data.resolution)
+    G, D, text_encoder, guidance = models.G, models.D, models.text_encoder, models.guidance
     broadcast_module(G, info)
     broadcast_module(D, info)
-    G_params = [p for p in G.parameters() if p.requires_grad] if not stage_cfg.freeze_G else []
-    D_params = [p for p in D.parameters() if p.requires_grad] if not stage_cfg.freeze_D else []
-    opt_G = make_optimizer(G_params, cfg.optim.g_lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.g_reg_interval) if G_params else None
-    opt_D = make_optimizer(D_params, cfg.optim.d_lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.d_reg_interval) if D_params else None
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    for seed in (torch.manual_seed, np.random.seed, random.seed):  # per rank: G's noise, GAN and SDS draws
+        seed(cfg.seed * 1000 + info.rank)
+    sampler = BatchSampler(data, G.config.z_dim, cfg.seed, info.rank, info.world_size)
+    gan = GANLoss(G, D, cfg.gan)
+
+    # Optimisers and phases (a frozen module has neither).
+    G_params = [] if st.freeze_G else [p for p in G.parameters() if p.requires_grad]
+    D_params = [] if st.freeze_D else [p for p in D.parameters() if p.requires_grad]
+    o = cfg.optim
+    opt_G = make_optimizer(G_params, o.g_lr, o.betas, o.eps, o.g_reg_interval) if G_params else None
+    opt_D = make_optimizer(D_params, o.d_lr, o.betas, o.eps, o.d_reg_interval) if D_params else None
     phases = []
     if opt_G:
-        phases += [Phase("Gmain", "G", 1), Phase("Greg", "G", cfg.optim.g_reg_interval)]
+        phases += [Phase("Gmain", "G", 1)] + ([Phase("Greg", "G", o.g_reg_interval)] if cfg.gan.density_reg > 0 else [])
     if opt_D:
-        phases += [Phase("Dmain", "D", 1), Phase("Dreg", "D", cfg.optim.d_reg_interval)]
-    loss = GANLoss(G, D, cfg.gan, gan_weight=stage_cfg.gan_weight if sds is not None else 1.0)
-    sampler = data.sampler(info.rank, info.world_size, seed=cfg.seed)
-    cur_nimg, step = 0, 0
-    if resume:
-        state = torch.load(state_path, map_location=info.device, weights_only=True)
-        if state["stage"] != stage:
-            raise ValueError(f"{state_path} belongs to stage {state['stage']!r}, not {stage!r}")
-        G.load_state_dict(state["G"]); G_ema.load_state_dict(state["G_ema"]); D.load_state_dict(state["D"])
-        if opt_G: opt_G.load_state_dict(state["opt_G"])
-        if opt_D: opt_D.load_state_dict(state["opt_D"])
-        cur_nimg, step = state["cur_nimg"], state["step"]
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"][min(info.rank, len(state["rng"]) - 1)])
-    total_nimg = int(stage_cfg.kimg * 1000)
-    log = setup.Logger(run_dir, info, cfg, stage, total_nimg, cur_nimg, progress, text_encoder)
+        phases += [Phase("Dmain", "D", 1), Phase("Dreg", "D", o.d_reg_interval)]
+    precision = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
 
-    def snapshot(final: bool = False):
-        rngs = setup.gather_rng(rng_state(), info)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_state_atomic(state_path, {
-                "stage": stage, "config": json.dumps(cfg.to_dict()), "cur_nimg": cur_nimg, "step": step,
-                "G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
-                "opt_G": opt_G.state_dict() if opt_G else {}, "opt_D": opt_D.state_dict() if opt_D else {},
-                "sampler": sampler.state_dict(), "rng": rngs})
-            setup.export(run_dir, G_ema, D, text_encoder, cfg, stage, cur_nimg, built.init_kimg_total)
+    # The run folder: a resumed run gets its weights, optimisers, sampler and RNG states back.
+    settings = {"stage": stage, **cfg.to_dict()}
+    del settings[stage]["kimg"]  # the one setting a resumed run may change: how long to train
+    run = RunFiles(run_dir, settings, total=int(st.kimg * 1000), resume=resume, progress=progress, desc=stage)
+    if run.state is not None:
+        for module, key in ((G, "G"), (G_ema, "G_ema"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
+            if module is not None:
+                module.load_state_dict(run.state[key])
+        sampler.load_state_dict(run.rank_state["sampler"])
 
-    next_snapshot = (cur_nimg // int(cfg.snapshot_every_kimg * 1000) + 1) * int(cfg.snapshot_every_kimg * 1000)
-    while cur_nimg < total_nimg:
-        batches = [setup.next_batch(data, sampler, micro, G, text_encoder, info.device)
-                   for _ in range(stage_cfg.grad_accum)]
+    def checkpoint():
+        run.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
+                  "opt_G": opt_G.state_dict() if opt_G else {}, "opt_D": opt_D.state_dict() if opt_D else {}},
+                 rank_state={"sampler": sampler.state_dict()})
+        if run.is_main:
+            export(run_dir, G_ema, D, text_encoder, cfg, stage, run.nimg, models.init_kimg_total)
+
+    def due(every_kimg: float, before: int) -> bool:
+        every = max(int(every_kimg * 1000), 1)
+        return run.nimg // every > before // every or run.done
+
+    while not run.done:
+        batches = [sampler.next_batch(micro, info.device) for _ in range(st.grad_accum)]
+        with torch.no_grad():
+            conds = [{"text": text_encoder(b.gen_captions).to(info.device)} if text_encoder else {} for b in batches]
         stats = {}
         for phase in phases:
-            if step % phase.interval != 0:
+            if run.steps % phase.interval != 0:
                 continue
-            opt = opt_G if phase.module == "G" else opt_D
-            params = G_params if phase.module == "G" else D_params
-            # Only the phase's own module accumulates gradients (EG3D toggles requires_grad likewise).
-            for p in G_params:
+            opt, params = (opt_G, G_params) if phase.module == "G" else (opt_D, D_params)
+            for p in G_params:  # only the phase's own module accumulates gradients
                 p.requires_grad_(phase.module == "G")
             for p in D_params:
                 p.requires_grad_(phase.module == "D")
             opt.zero_grad(set_to_none=True)
-            for b in batches:
-                extra = setup.sds_loss(sds, b.gen_captions) if (phase.name == "Gmain" and sds is not None) else None
-                with setup.autocast(cfg, info.device):
-                    s = loss.accumulate(phase.name, b.real_img, b.real_c, b.gen_z, b.gen_c,
-                                        gain=phase.interval / len(batches), cur_nimg=cur_nimg, gen_cond=b.gen_cond,
-                                        extra_G_loss=extra)
+            for b, cond in zip(batches, conds):
+                with precision():
+                    loss, s = phase_loss(phase.name, b, cond, gan, guidance, st.gan_weight, run.nimg)
+                (loss * (phase.interval / len(batches))).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v / len(batches)
             for p in params:
@@ -180,14 +181,15 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
             average_gradients(params, info)
             opt.step()
         average_buffers(G, info)
-        update_ema(G_ema, G, ema_beta(cfg, cur_nimg))
-        cur_nimg += cfg.batch
-        step += 1
-        log.step(step, cur_nimg, stats, G_ema)
-        if cur_nimg >= next_snapshot or cur_nimg >= total_nimg:
-            snapshot()
-            next_snapshot += int(cfg.snapshot_every_kimg * 1000)
-    if step == 0:
-        snapshot()
-    log.close()
-    return TrainResult(run_dir / setup.GENERATOR_FILE, G, G_ema, D, cur_nimg)
+        update_ema(G_ema, G, ema_beta(cfg.batch, o.ema_kimg * cfg.batch / 32, o.ema_rampup, run.nimg))
+        G_ema.config.neural_rendering_resolution = gan.neural_rendering_resolution(run.nimg)  # as trained; exported
+        before = run.nimg
+        run.step(cfg.batch, stats)
+        if run.is_main and due(cfg.image_every_kimg, before):
+            run.image_grid(stage, sample_grid(G_ema, text_encoder, cfg.eval_prompts), nrow=6)
+        if due(cfg.snapshot_every_kimg, before):
+            checkpoint()
+    if run.steps == 0:  # nothing to train (kimg=0): still write the models
+        checkpoint()
+    run.close()
+    return TrainResult(run_dir / GENERATOR_FILE, G, G_ema, D, run.nimg)

@@ -1,59 +1,98 @@
-"""The files of one training run of the synthetic world's models (judge, CLIP, teacher).
+"""The files of one training run: DreamPortrait's stages and the synthetic world's models alike.
 
 A run folder holds ``config.json``, ``state.pt`` (everything needed to continue: weights,
-optimiser, RNG, images seen), ``log.jsonl`` (one line per logged step), tensorboard scalars and
-images, and ``samples/`` (PNG grids). ``state.pt`` is replaced atomically, so a run killed at any
-moment resumes from its last checkpoint with ``resume=True``.
+optimisers, images seen, steps and every process's RNG state), ``log.jsonl`` (one line per
+logged step), tensorboard scalars and images, and ``samples/`` (PNG grids). ``state.pt`` is
+replaced atomically, so a run killed at any moment continues from its last checkpoint with
+``resume=True`` as if it had never stopped.
+
+Under ``torchrun`` every rank opens the run: rank 0 writes the files, :meth:`RunFiles.save` is
+collective (each rank's RNG state and ``rank_state`` are gathered into the one file) and a
+resumed rank gets its own back.
 """
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from train.loop import rng_state, save_state_atomic, set_rng_state
+from dreamportrait.checkpoints import atomic_file, atomic_write
 
 STATE_FILE = "state.pt"
 
 
+def rng_state() -> dict:
+    """This process's global RNG states: torch (and CUDA), numpy, Python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class RunFiles:
-    """Create or resume a run folder; log, save and restore. ``total`` is the images to train on."""
+    """Create or resume a run folder; count, log, save and restore. ``total`` is the images to train on.
+
+    On resume, ``state`` is what was passed to :meth:`save` on rank 0, ``rank_state`` this rank's
+    ``rank_state``, and the global RNGs are restored."""
 
     def __init__(self, run_dir: str | Path, config: dict, total: int, resume: bool = False,
                  progress: bool = True, desc: str = "train"):
         self.dir = Path(run_dir)
         self.state_path = self.dir / STATE_FILE
-        self.state = None
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.is_main = self.rank == 0
+        self.state, self.rank_state = None, {}
         if self.state_path.exists() and not resume:
             raise FileExistsError(f"{self.dir} already holds a run ({STATE_FILE}); pass --resume to continue it "
                                   "or choose a new --run-dir")
         if resume:
-            if not self.state_path.exists():
-                raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.dir}; start without --resume")
-            saved = json.loads((self.dir / "config.json").read_text())
-            if saved != json.loads(json.dumps(config)):
-                changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-                raise ValueError(f"--resume: the settings differ from the run in {self.dir} ({changed}); "
-                                 "resume with the same settings or start a new --run-dir")
-            self.state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-            set_rng_state(self.state["rng"])
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.json").write_text(json.dumps(config, indent=1))
+            self._resume(config)
         self.nimg = self.state["nimg"] if self.state else 0
+        self.steps = self.state["steps"] if self.state else 0
         self.total = total
-        self.log_file = open(self.dir / "log.jsonl", "a")
         self.t0, self.n0 = time.time(), self.nimg
+        self.log_file = self.tb = self.bar = None
+        if not self.is_main:
+            return
+        atomic_write(self.dir / "config.json", json.dumps(config, indent=1))
+        self.log_file = open(self.dir / "log.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
         except ImportError:
             self.tb = None
-        self.bar = None
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=self.nimg, unit="img", unit_scale=True, desc=desc)
+
+    def _resume(self, config: dict) -> None:
+        if not self.state_path.exists():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.dir}; start without --resume")
+        saved = json.loads((self.dir / "config.json").read_text())
+        if saved != json.loads(json.dumps(config)):
+            changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            raise ValueError(f"--resume: the settings differ from the run in {self.dir} ({changed}); "
+                             "resume with the same settings or start a new --run-dir")
+        self.state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        ranks = self.state.pop("ranks")
+        if len(ranks) != self.world_size:
+            raise ValueError(f"--resume: {self.dir} was saved by {len(ranks)} process(es), this run has "
+                             f"{self.world_size}; resume with the same number of processes")
+        self.rank_state = ranks[self.rank]
+        set_rng_state(self.rank_state.pop("rng"))
 
     @property
     def done(self) -> bool:
@@ -63,14 +102,17 @@ class RunFiles:
         return (self.nimg - self.n0) / max(time.time() - self.t0, 1e-9)
 
     def step(self, batch: int, stats: dict, log: bool = True) -> None:
-        """Count ``batch`` images seen; log ``stats`` (floats) against images seen."""
+        """Count one step of ``batch`` images; log ``stats`` (floats) against images seen."""
         self.nimg += batch
+        self.steps += 1
+        if not self.is_main:
+            return
         if self.bar is not None:
             self.bar.update(batch)
             self.bar.set_postfix_str(" ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in stats.items()))
         if not log:
             return
-        rec = {"nimg": self.nimg, "sec": round(time.time() - self.t0, 2),
+        rec = {"step": self.steps, "nimg": self.nimg, "sec": round(time.time() - self.t0, 2),
                "img_per_s": round(self.images_per_second(), 2), **stats}
         self.log_file.write(json.dumps(rec) + "\n")
         self.log_file.flush()
@@ -78,26 +120,35 @@ class RunFiles:
             for k, v in stats.items():
                 self.tb.add_scalar(k, v, self.nimg)
 
-    def image_grid(self, name: str, images: torch.Tensor, nrow: int) -> Path:
-        """Save images in [-1, 1] (B, 3, H, W) as ``samples/{name}-{nimg}.png`` and to tensorboard."""
+    def image_grid(self, name: str, images: torch.Tensor, nrow: int) -> Path | None:
+        """Save images in [-1, 1] (B, 3, H, W) as ``samples/{name}-{nimg}.png`` and to tensorboard (rank 0)."""
+        if not self.is_main:
+            return None
         from torchvision.utils import make_grid
         from PIL import Image
         grid = make_grid(((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu(),
                          nrow=nrow, padding=1)
         path = self.dir / "samples" / f"{name}-{self.nimg:09d}.png"
         path.parent.mkdir(exist_ok=True)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        with atomic_file(path) as tmp:
+            Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
         if self.tb is not None:
             self.tb.add_image(name, grid, self.nimg)
         return path
 
-    def save(self, state: dict) -> None:
-        """Atomically write ``state`` plus images seen and RNG state as the run's checkpoint."""
-        save_state_atomic(self.state_path, {**state, "nimg": self.nimg, "rng": rng_state()})
+    def save(self, state: dict, rank_state: dict | None = None) -> None:
+        """Atomically write ``state`` (rank 0's) plus images seen, steps and every rank's RNG state and
+        ``rank_state`` as the run's checkpoint. Collective under torchrun: every rank calls it."""
+        own = {"rng": rng_state(), **(rank_state or {})}
+        ranks = [own]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            dist.all_gather_object(ranks, own)
+        if self.is_main:
+            with atomic_file(self.state_path) as tmp:
+                torch.save({**state, "nimg": self.nimg, "steps": self.steps, "ranks": ranks}, tmp)
 
     def close(self) -> None:
-        self.log_file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.bar is not None:
-            self.bar.close()
+        for f in (self.log_file, self.tb, self.bar):
+            if f is not None:
+                f.close()

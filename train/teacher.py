@@ -9,9 +9,9 @@ local folder or the Hugging Face cache (never downloaded here); synthetic world:
 (see ``world.tiny_teacher``).
 
 All components are frozen (eval mode, ``requires_grad_(False)``) and no gradient is ever
-stored in them. The U-Net and text encoder may run in half precision (``dtype``); the VAE
-encoder runs in fp32 by default (``vae_dtype``) because the gradient flows through it, and
-every tensor handed back is fp32.
+stored in them. Each runs in its own precision whatever autocast the caller is under: the U-Net
+and text encoder in ``dtype`` (half precision possible), the VAE encoder in ``vae_dtype``
+(fp32 by default, because the gradient flows through it); every tensor handed back is fp32.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from dreamportrait.ops import resize
 
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 _FOLDER_LAYOUT = (
@@ -171,6 +172,10 @@ class DiffusionTeacher:
         self._uncond = None
         return self
 
+    def own_precision(self) -> torch.autocast:
+        """Autocast off on the teacher's device: its components run in their own dtypes."""
+        return torch.autocast(self.device.type, enabled=False)
+
     @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
@@ -190,7 +195,8 @@ class DiffusionTeacher:
             raise TypeError("encode_prompts takes a list of strings, one prompt per image")
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
                              max_length=self.text_encoder.config.max_position_embeddings).input_ids
-        return self.text_encoder(ids.to(self.device)).last_hidden_state.float()
+        with self.own_precision():
+            return self.text_encoder(ids.to(self.device)).last_hidden_state.float()
 
     def uncond_embedding(self) -> torch.Tensor:
         """Embedding (1, L, D) of the empty prompt, the unconditional branch of guidance (cached)."""
@@ -212,9 +218,10 @@ class DiffusionTeacher:
         size = self.vae.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
-        return posterior.mean.float() * self.vae.config.scaling_factor
+            images = resize(images, size)
+        with self.own_precision():
+            posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
+            return posterior.mean.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def predict_noise(self, latents_t: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
@@ -233,7 +240,8 @@ class DiffusionTeacher:
             raise ValueError(f"uncond embedding {tuple(uncond_emb.shape)} does not match text {tuple(text_emb.shape)}")
         context = torch.cat([uncond_emb.expand_as(text_emb), text_emb]).to(self.device, self.dtype)
         noisy = torch.cat([latents_t, latents_t]).to(self.device, self.dtype)
-        eps = self.unet(noisy, torch.cat([timesteps, timesteps]).to(self.device),
-                        encoder_hidden_states=context).sample.float()
+        with self.own_precision():
+            eps = self.unet(noisy, torch.cat([timesteps, timesteps]).to(self.device),
+                            encoder_hidden_states=context).sample.float()
         eps_uncond, eps_text = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_text - eps_uncond)

@@ -37,7 +37,7 @@ class WorldData:
         if ds.attributes is None:
             raise DatasetError(f"{path} has no attributes.json: only synthetic-world data sets (written by "
                                "`python -m dreamportrait.synthetic`) carry the true attributes these models need")
-        images = torch.stack([ds._decode(i) for i in range(len(ds))])
+        images = ds.uint8_images()
         records = [ds.attributes[name] for name in ds.names]
         return cls(path=str(path), images=images, captions=ds.captions,
                    attributes=[r["attributes"] for r in records],

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dreamportrait.checkpoints import atomic_folder
+from train.ema import update_ema
 from train.run_files import RunFiles
 from world.data import WorldData
 from world.tiny_teacher import save_teacher_folder, unet_kwargs, vae_kwargs
@@ -310,12 +311,6 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) 
 def ddpm_scheduler():
     from diffusers import DDPMScheduler
     return DDPMScheduler(**SD_SCHEDULER)
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
 
 
 def train_unet(data: WorldData, vae, encoder, run_dir, kimg: float, cfg: UNetConfig = UNetConfig(),

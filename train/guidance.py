@@ -1,0 +1,31 @@
+"""Guidance: what a frozen prior says about rendered images, as a loss (threestudio's guidance modules).
+
+A guidance takes the prompts and the rendered images (B, 3, H, W) in [-1, 1] and returns a
+scalar loss whose gradient with respect to the images is the guidance, plus detached statistics
+to log. It owns whatever it needs to read the prompts (its own text encoder and embedding
+cache), so the training loop hands it strings. Stage 2's generator objective is
+``gan_weight * GAN + guidance``; distribution SDS (:mod:`train.distribution_sds`) is the one
+implemented here, another prior is another subclass.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor                                            # scalar; d loss / d images is the guidance
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+class Guidance(ABC):
+    """The interface of a guidance; ``name`` prefixes its entries in the training log."""
+
+    name: str
+
+    @abstractmethod
+    def __call__(self, prompts: list[str], images: torch.Tensor) -> GuidanceOutput:
+        """The loss for ``images`` (B, 3, H, W) in [-1, 1] rendered for ``prompts`` (B strings)."""
