@@ -215,6 +215,12 @@ class GatedCrossAttention3D(nn.Module):
             raise ValueError(f"tokens must be ({b}, L, {self.text_dim}), got {tuple(tokens.shape)}")
         if mask.shape != tokens.shape[:2]:
             raise ValueError(f"mask must be {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
+        # Keys that no prompt of the batch attends to (padding after the longest prompt) are cut:
+        # attention ignores them, so the cost follows the prompts' length, not the context length.
+        used = (mask if mask.dtype == torch.bool else mask > 0).any(0)
+        if bool(used.any()):
+            keep = int(used.nonzero().max()) + 1
+            tokens, mask = tokens[:, :keep], mask[:, :keep]
         v = self.proj_in(x) if self.proj_in is not None else x
         planes = v.reshape(b, 3, self.plane_channels, h, w)
         feats = triplane_aware_features(planes).flatten(3).transpose(2, 3)  # (B, 3, S*S, 3C')

@@ -231,3 +231,26 @@ def test_interpolation_endpoints_are_the_prompts_and_the_midpoint_blends():
                                atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="t must lie"):
         interpolate_encodings(a, b, 1.5)
+
+
+def test_adapter_cost_follows_prompt_length_not_context_length(monkeypatch):
+    """Padding after the longest prompt of a batch is cut before attention: same output, fewer keys."""
+    adapter = open_adapter(12)
+    tokens, mask = words(lengths=(4, 7))
+    x = torch.randn(2, 12, 8, 8)
+    longer = torch.cat([tokens, torch.randn(2, 10, TEXT_DIM)], 1)  # 10 more padding positions of garbage
+    longer_mask = torch.cat([mask, torch.zeros(2, 10, dtype=torch.bool)], 1)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(k.shape[-2])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = adapter(x, tokens, mask)
+    out_longer = adapter(x, longer, longer_mask)
+    out_weights = adapter(x, longer, longer_mask.float())
+    assert seen == [7, 7, 7]
+    torch.testing.assert_close(out_longer, out, atol=0, rtol=0)
+    torch.testing.assert_close(out_weights, out, atol=1e-6, rtol=0)
