@@ -220,15 +220,22 @@ class Clip:
         return F.normalize(self.model.encode_text(ids).float(), dim=-1)
 
 
-def load_clip(spec: str, device="cpu") -> Clip:
-    """An open_clip model from ``spec``: a local folder (open_clip_config.json with ``model_cfg`` plus
-    weights, e.g. the project's small CLIP), ``NAME:TAG`` (open_clip cache), ``NAME:/weights/file``,
-    or an open_clip ``local-dir:`` / ``hf-hub:`` name."""
+def load_clip(spec: str, device="cpu") -> "Clip | LitClip":
+    """A CLIP with unit ``images``/``texts`` embeddings from ``spec``: the synthetic world's CLIP (a
+    folder holding ``lit_clip.safetensors``, or that file: :class:`~dreamportrait.synthetic.lit_clip.LitClip`,
+    whose locked text tower is rebuilt from its recorded identity and hash-checked), or an open_clip
+    model: a local folder (open_clip_config.json with ``model_cfg`` plus weights, e.g. the earlier
+    small CLIP), ``NAME:TAG`` (open_clip cache), ``NAME:/weights/file``, or an open_clip
+    ``local-dir:`` / ``hf-hub:`` name."""
+    from dreamportrait.synthetic.lit_clip import LIT_CLIP_FILE, LitClip
+    if (Path(spec) / LIT_CLIP_FILE).is_file() or (spec.endswith(".safetensors") and os.path.isfile(spec)):
+        return LitClip.from_pretrained(spec, device)
     import open_clip
     if os.path.isdir(spec):
         if not (Path(spec) / "open_clip_config.json").is_file():
-            raise FileNotFoundError(f"{spec} has no open_clip_config.json; a CLIP folder holds that file "
-                                    "(with a 'model_cfg' entry) and its weights")
+            raise FileNotFoundError(f"{spec} has neither {LIT_CLIP_FILE} (the world's CLIP) nor "
+                                    "open_clip_config.json (an open_clip folder, with a 'model_cfg' entry, "
+                                    "and its weights)")
         name, pretrained = f"local-dir:{spec}", None
     elif spec.startswith(("local-dir:", "hf-hub:")):
         name, pretrained = spec, None
@@ -476,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="EG3D-layout data set (folder or .zip) with captions.json")
     p.add_argument("--judge", help="attribute classifier .safetensors (attribute accuracy; FID features "
                                    "when Inception weights are absent)")
-    p.add_argument("--clip", help="CLIP for R-Precision and MSC: a local open_clip folder, NAME:TAG or NAME:FILE")
+    p.add_argument("--clip", help="CLIP for R-Precision and MSC: the world's CLIP folder (lit_clip.safetensors), "
+                                  "a local open_clip folder, NAME:TAG or NAME:FILE")
     p.add_argument("--num", type=int, default=1000, help="number of real and of generated images (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the item draw, generator seeds and distractors")
     p.add_argument("--psi", type=float, default=1.0, help="truncation psi (default 1: no truncation)")
