@@ -110,7 +110,7 @@ def test_two_gloo_ranks_via_torchrun_end_with_identical_weights(world, tmp_path)
     script = Path(__file__).with_name("train_dist_worker.py")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(data), str(tmp_path / "run"), *FAST, "prior.kimg=0.012"]
+           str(script), "train", str(data), str(tmp_path / "run"), *FAST, "prior.kimg=0.012"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     digests = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -118,6 +118,24 @@ def test_two_gloo_ranks_via_torchrun_end_with_identical_weights(world, tmp_path)
     assert digests[0]["G"] == digests[1]["G"] and digests[0]["D"] == digests[1]["D"]
     assert digests[0]["G"] != digests[0]["G_init"]  # they trained
     assert (tmp_path / "run" / "generator.safetensors").exists()
+
+
+def test_two_gloo_ranks_average_w_avg_but_never_send_constant_buffers(tmp_path):
+    script = Path(__file__).with_name("train_dist_worker.py")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), "buffers", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["averaged"] == ["backbone.mapping.w_avg"]  # what training changed, nothing else
+        assert r["again"] == []  # unchanged since: nothing to send
+        assert r["constants_untouched"]  # each rank keeps its own noise inputs and filters
+    mean = (np.array(ranks[0]["local_w_avg"]) + np.array(ranks[1]["local_w_avg"])) / 2
+    assert ranks[0]["local_w_avg"] != ranks[1]["local_w_avg"]
+    assert ranks[0]["w_avg"] == ranks[1]["w_avg"]
+    np.testing.assert_allclose(ranks[0]["w_avg"], mean, rtol=1e-6, atol=1e-7)
 
 
 def read_log(run_dir: Path) -> list[dict]:

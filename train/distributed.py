@@ -71,15 +71,39 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
-def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
-    """Average floating-point buffers across ranks (e.g. the mapping's running w_avg: since its
-    update is linear, the average of per-rank updates is the update with the global batch)."""
-    if not info.enabled:
-        return
-    for b in module.buffers():
-        if b.is_floating_point():
-            dist.all_reduce(b.data)
-            b.data /= info.world_size
+class BufferAverager:
+    """Averages across ranks the floating-point buffers of ``module`` that training changes, e.g.
+    the mapping's running w_avg (its update is linear, so the average of the per-rank updates is
+    the update with the global batch). Constants (noise inputs, resampling filters) are never
+    sent: a buffer is averaged when it was written in place (its version counter moved) or
+    replaced since the last call. Every rank runs the same code, so every rank finds the same
+    buffers. Calling it returns the names it averaged."""
+
+    def __init__(self, module: torch.nn.Module, info: DistInfo):
+        self.module, self.info = module, info
+        self.seen = self._versions()
+
+    def _versions(self) -> dict[str, tuple[torch.Tensor, int]]:
+        return {name: (b, b._version) for name, b in self.module.named_buffers() if b.is_floating_point()}
+
+    def __call__(self) -> list[str]:
+        if not self.info.enabled:
+            return []
+        now = self._versions()
+        changed = [name for name, (b, version) in now.items()
+                   if name not in self.seen or self.seen[name][0] is not b or self.seen[name][1] != version]
+        if changed:
+            flat = torch.cat([now[name][0].detach().flatten() for name in changed])
+            dist.all_reduce(flat)
+            flat /= self.info.world_size
+            offset = 0
+            with torch.no_grad():
+                for name in changed:
+                    b = now[name][0]
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+        self.seen = self._versions()
+        return changed
 
 
 def cleanup(info: DistInfo) -> None:

@@ -21,7 +21,7 @@ import torch
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import GENERATOR_FILE
 from train.config import TrainConfig
-from train.distributed import (DistInfo, average_buffers, average_gradients, broadcast_module, cleanup,
+from train.distributed import (BufferAverager, DistInfo, average_gradients, broadcast_module, cleanup,
                                init_distributed)
 from train.ema import ema_beta, update_ema
 from train.gan_loss import GANLoss
@@ -143,6 +143,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
             if module is not None:
                 module.load_state_dict(run.state[key])
         sampler.load_state_dict(run.rank_state["sampler"])
+    average_buffers = BufferAverager(G, info)  # only what training changes (w_avg), not the constants
 
     def checkpoint():
         run.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
@@ -180,7 +181,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                     torch.nan_to_num_(p.grad, nan=0, posinf=1e5, neginf=-1e5)
             average_gradients(params, info)
             opt.step()
-        average_buffers(G, info)
+        average_buffers()
         update_ema(G_ema, G, ema_beta(cfg.batch, o.ema_kimg * cfg.batch / 32, o.ema_rampup, run.nimg))
         G_ema.config.neural_rendering_resolution = gan.neural_rendering_resolution(run.nimg)  # as trained; exported
         before = run.nimg
