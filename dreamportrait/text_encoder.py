@@ -204,14 +204,16 @@ class TransformersPenultimate(ClipTower):
 
 class MeanPooledBert(nn.Module):
     """A transformers ``BertModel`` read as sentence-transformers reads it: last hidden states
-    under the attention mask (padding = ``pad_id``), mean-pooled over the real tokens."""
+    under the attention mask (padding = the tokenizer's pad id), mean-pooled over the real tokens.
+    Keeps its tokenizer (a teacher folder exported from this encoder writes both)."""
 
-    def __init__(self, model: nn.Module, context_length: int, pad_id: int, cls_id: int):
+    def __init__(self, model: nn.Module, context_length: int, tokenizer):
         super().__init__()
         limit = model.config.max_position_embeddings
         if not 3 <= context_length <= limit:
             raise ValueError(f"context_length {context_length} must be between 3 and the model's {limit} positions")
-        self.model, self.pad_id, self.cls_id = model, pad_id, cls_id
+        self.model, self.tokenizer = model, tokenizer
+        self.pad_id, self.cls_id = tokenizer.pad_token_id, tokenizer.cls_token_id
         self._context_length = context_length
 
     @property
@@ -263,7 +265,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _minilm_folder(location: str | os.PathLike) -> Path:
+def minilm_folder(location: str | os.PathLike) -> Path:
     """The folder of all-MiniLM-L6-v2: a folder as given, or a Hugging Face name; the model's own
     name is found in the carrier package first, any name in the local Hugging Face cache
     (nothing is downloaded)."""
@@ -287,15 +289,23 @@ def _minilm_folder(location: str | os.PathLike) -> Path:
             "holding its model.safetensors, config.json and vocab.txt") from err
 
 
-def _check_minilm_files(folder: Path) -> None:
+def is_minilm_config(config: dict) -> bool:
+    """Whether a transformers config (config.json's content) describes all-MiniLM-L6-v2's architecture."""
+    return all(config.get(k) == v for k, v in _MINILM_CONFIG.items())
+
+
+def check_minilm_files(folder: Path, vocab_folder: Path | None = None) -> None:
     """Refuse any weights or vocabulary but the published ones (checked by sha256), and a config
-    that does not describe all-MiniLM-L6-v2's architecture."""
-    for name in ("model.safetensors", "config.json", "vocab.txt"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: all-MiniLM-L6-v2 is read from model.safetensors, "
+    that does not describe all-MiniLM-L6-v2's architecture. ``vocab.txt`` is read from
+    ``vocab_folder`` if given (a pipeline folder keeps it in ``tokenizer/``)."""
+    files = {"model.safetensors": folder / "model.safetensors", "config.json": folder / "config.json",
+             "vocab.txt": (vocab_folder or folder) / "vocab.txt"}
+    for file in files.values():
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: all-MiniLM-L6-v2 is read from model.safetensors, "
                                     "config.json and vocab.txt (pickled .bin weights are never loaded)")
     for name, expected in MINILM_SHA256.items():
-        file = folder / name
+        file = files[name]
         found = _sha256(file)
         if found != expected:
             raise ValueError(
@@ -495,7 +505,7 @@ class TextEncoder(nn.Module):
         """A transformers ``BertModel`` and its tokenizer, read like a sentence-transformers
         mean-pooling model (see :class:`MeanPooledBert`); prompts are cut and padded to
         ``context_length`` tokens (77, like CLIP; captions are far shorter)."""
-        tower = MeanPooledBert(model.eval(), context_length, tokenizer.pad_token_id, tokenizer.cls_token_id)
+        tower = MeanPooledBert(model.eval(), context_length, tokenizer)
         return cls(tower, bert_tokenizer(tokenizer, context_length), identity)
 
     @classmethod
@@ -512,8 +522,8 @@ class TextEncoder(nn.Module):
         model name, the weights hash and ``location`` as given.
         """
         from transformers import BertModel, BertTokenizer
-        folder = _minilm_folder(location)
-        _check_minilm_files(folder)
+        folder = minilm_folder(location)
+        check_minilm_files(folder)
         model = BertModel.from_pretrained(folder, use_safetensors=True, local_files_only=True, dtype=dtype)
         tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True)  # MiniLM's settings
         identity = {"source": "minilm", "name": MINILM_NAME, "sha256": MINILM_SHA256["model.safetensors"],
