@@ -33,7 +33,6 @@ import json
 import math
 import os
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -41,6 +40,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dreamportrait.checkpoints import atomic_write
+from dreamportrait.grid import to_uint8
+from dreamportrait.ops import resize
 
 VIEWS = {"frontal": 0.0, "yaw-15": -15.0, "yaw+15": 15.0}  # MSC and attribute-accuracy views (degrees)
 DEFAULT_DISTRACTORS = 99  # Park et al.'s R-Precision: the true caption among 100
@@ -165,9 +168,7 @@ def inception_extractor(device) -> Extractor:
     @torch.no_grad()
     def extract(images: torch.Tensor) -> torch.Tensor:
         # The Google weights expect inputs in [-1, 1] (what transform_input makes of normalised ones).
-        x = F.interpolate(images.to(device, torch.float32).clamp(-1, 1), size=(299, 299), mode="bilinear",
-                          align_corners=False, antialias=True)
-        return net(x)
+        return net(resize(images.to(device, torch.float32).clamp(-1, 1), 299))
     return extract
 
 
@@ -210,7 +211,7 @@ class Clip:
     def images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> (B, D), resized with antialiased bicubic as open_clip does."""
         x = (images.to(self.device, torch.float32) + 1) / 2
-        x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = resize(x, self.size, mode="bicubic").clamp(0, 1)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
 
@@ -301,8 +302,11 @@ def _z(seed: int, z_dim: int, device) -> torch.Tensor:
 
 
 def _quantise(images: torch.Tensor) -> torch.Tensor:
-    """Round generator output to the uint8 grid (as EG3D saves and scores it), back in [-1, 1]."""
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1
+    """Round generator output to the uint8 grid, back in [-1, 1]: EG3D's metric protocol scores the
+    images as it saves them, ``(x * 127.5 + 128).clamp(0, 255)`` truncated to uint8, which is
+    :func:`~dreamportrait.grid.to_uint8`'s rounding (nearest level, halves up, clamped)."""
+    levels = torch.from_numpy(to_uint8(images)).movedim(-1, -3).to(images.device)
+    return levels.float() / 127.5 - 1
 
 
 @torch.no_grad()
@@ -466,15 +470,8 @@ def format_table(results: dict) -> str:
 
 
 def write_json(results: dict, path) -> None:
-    """Write the results atomically (temp file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the results atomically."""
+    atomic_write(path, json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
