@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image
 
+from dreamportrait.checkpoints import atomic_file, atomic_write
 from train.data import LABEL_DIM
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -99,22 +99,18 @@ def prepare(images: Path, captions: Path, cameras: Path, out: Path, resolution: 
     res = resolution or next(iter(sizes.values()))[0]
     if res & (res - 1):
         raise PrepareError(f"resolution {res} is not a power of two; pass --resolution (e.g. 512)")
-    (out / "00000").mkdir(parents=True, exist_ok=True)
     entries, caps = [], {}
     for i, (f, cap, label) in enumerate(items):
         name = f"{i // 1000:05d}/img{i:08d}.png"
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(f) as im:
+        with Image.open(f) as im, atomic_file(out / name) as tmp:
             im = im.convert("RGB")
             if im.size != (res, res):
                 im = im.resize((res, res), Image.LANCZOS)
-            im.save(out / name)
+            im.save(tmp)
         entries.append([name, label])
         caps[name] = cap
-    for fname, obj in (("dataset.json", {"labels": entries}), ("captions.json", caps)):
-        tmp = out / (fname + ".tmp")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, out / fname)
+    atomic_write(out / "dataset.json", json.dumps({"labels": entries}))
+    atomic_write(out / "captions.json", json.dumps(caps))
     return {"written": len(items), "skipped": len(problems), "resolution": res}
 
 
