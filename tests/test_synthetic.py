@@ -16,7 +16,7 @@ from dreamportrait.synthetic.attributes import (ATTRIBUTES, HELDOUT_COMBINATIONS
 from dreamportrait.synthetic.cameras import sample_labels
 from dreamportrait.synthetic.captions import HELDOUT_WORDS, make_caption, make_captions, mentionable, parse_caption
 from dreamportrait.synthetic.dataset_writer import write_dataset
-from dreamportrait.synthetic.proportions import head_parameters
+from dreamportrait.synthetic.proportions import head_parameters, on_surface
 from dreamportrait.synthetic.render import HeadBatch, render
 
 
@@ -378,3 +378,36 @@ def test_cli_writes_a_data_set_and_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "cli"), "--num", "2"])
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def _pixels(label: torch.Tensor, points) -> torch.Tensor:
+    """(row, column) of the 64x64 pixels holding model-frame points (N, 3)."""
+    uv = torch.tensor([_project(label, [float(c) for c in p]) for p in points]).round().long().clamp(0, 63)
+    return uv.flip(1)
+
+
+def test_curly_hair_and_bangs_leave_eyebrows_and_forehead_lines_uncovered():
+    """The judge's labels call eyebrow shape and age visible under every hair style, so no hair
+    may cover the eyebrows or the forehead lines that carry age (frontal and 30 degrees yaw)."""
+    hair_parts = [i for i, part in enumerate(heads.PARTS) if part.name.startswith("hair_")]
+    idents = [Identity(i.seed, dict(i.attributes, hair_style=style, hair_color=i.attributes["hair_color"] or "black"))
+              for style in ("curly", "bangs") for i in sample_identities(9, 12, "all")]
+    yaws = (-30.0, 0.0, 30.0)
+    labels = camera_label([y for y in yaws for _ in idents], [0.0] * (len(yaws) * len(idents)))
+    hair = render(idents * len(yaws), labels, 64, parts=True)["parts"][:, hair_parts].sum(dim=1)
+    brows, forehead = [], []
+    for v, (label, ident) in enumerate(zip(labels, idents * len(yaws))):
+        p = head_parameters(ident)
+        brow, skull = p["eyebrows"], p["skin"]
+        chain = [np.asarray(brow[k]) for k in ("brow_in", "brow_mid", "brow_out")]
+        points = [a + t * (b - a) for a, b in zip(chain, chain[1:]) for t in np.linspace(0, 1, 5)]
+        points += [q * (-1, 1, 1) for q in points]
+        lines = [on_surface(skull["cranium_c"], skull["cranium_r"], x, y, 0.0)  # every line of middle and old age
+                 for y in (0.118, 0.125, 0.131, 0.144, 0.145, 0.157) for x in np.linspace(-0.07, 0.07, 8)]
+        brows.append(hair[v][tuple(_pixels(label, points).t())])
+        forehead.append(hair[v][tuple(_pixels(label, lines).t())])
+    brows, forehead = torch.stack(brows), torch.stack(forehead)
+    # At most one of a pixel's four subsamples on the eyebrows and two on the forehead lines'
+    # outer ends (the hairline's edge), and hardly any hair on the forehead lines as a whole.
+    assert brows.max() <= 0.25 and forehead.max() <= 0.5, (brows.max(), forehead.max())
+    assert forehead.mean() < 0.02, forehead.mean()

@@ -286,10 +286,12 @@ def _hair_albedo(q: PartPoints) -> Tensor:
 
 
 def _cap(q: PartPoints) -> Tensor:
-    """Hair hugging the skull above a tilted hairline plane y = h0 + slope * z."""
+    """Hair hugging the skull above the hairline y = min(top, h0 + slope * z): level at ``top``
+    across the forehead, falling along a tilted plane over the temples and the back."""
     shell = sdf.ellipsoid(q.x, q.y, q.z, q["cap_c"], q["cap_r"])
-    h0, slope = q["hairline"]
-    return torch.maximum(shell, (h0 + slope * q.z - q.y) / (1.0 + slope * slope) ** 0.5)
+    h0, slope, top = q["hairline"]
+    below = torch.minimum(top - q.y, (h0 + slope * q.z - q.y) / (1.0 + slope * slope) ** 0.5)
+    return torch.maximum(shell, below)
 
 
 def _hanging(q: PartPoints) -> Tensor:
@@ -304,9 +306,9 @@ def _curly_cap(q: PartPoints) -> Tensor:
     return (_cap(q) - bumps) / 1.8
 
 
-HAIR_LAYOUT = (("cap_c", 3), ("cap_r", 3), ("hairline", 2), ("drop_c", 3), ("drop_r", 3),
+HAIR_LAYOUT = (("cap_c", 3), ("cap_r", 3), ("hairline", 3), ("drop_c", 3), ("drop_r", 3),
                ("drop_y", 1), ("drop_front", 1), ("curl_amp", 1), ("hair_rgb", 3))
-_CAP = Shape(_cap, ((-0.215, -0.18, -0.25), (0.215, 0.3, 0.22)))
+_CAP = Shape(_cap, ((-0.215, -0.18, -0.25), (0.215, 0.3, 0.235)))
 HAIR_SHAPES = {
     "short": (_CAP,),
     "long": (_CAP, Shape(_hanging, ((-0.215, -0.34, -0.225), (0.215, 0.3, 0.02)))),

@@ -30,7 +30,7 @@ def _brow_colour(a: dict, rng: np.random.Generator) -> np.ndarray:
     return np.clip(colour, 0.0, 1.0)
 
 
-def _on(c, r, x: float, y: float, lift: float) -> tuple[float, float, float]:
+def on_surface(c, r, x: float, y: float, lift: float) -> tuple[float, float, float]:
     """The point of the front of ellipsoid (c, r) at (x, y), moved ``lift`` toward +z."""
     inside = 1.0 - ((x - c[0]) / r[0]) ** 2 - ((y - c[1]) / r[1]) ** 2
     return (x, y, c[2] + r[2] * max(inside, 0.0) ** 0.5 + lift)
@@ -72,16 +72,16 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
 
     big_eye = a["eye_size"] != "small"
     er = 0.032 if big_eye else 0.022
-    p["eyes"] = dict(eye_c=_on(cranium_c, cranium_r, eye_x, eye_y, -0.004), eye_r=(er, 0.75 * er, 0.022),
+    p["eyes"] = dict(eye_c=on_surface(cranium_c, cranium_r, eye_x, eye_y, -0.004), eye_r=(er, 0.75 * er, 0.022),
                      iris=_jitter(rng, heads.IRIS[a["eye_color"] or "brown"]),
                      lid=0.45 if not man else 0.7)
 
     # Arched: a raised middle and a dropping outer end; straight: one level line.
     arched = a["eyebrow_shape"] == "arched"
     brow_x = eye_x - 0.054
-    p["eyebrows"] = dict(brow_in=_on(cranium_c, cranium_r, brow_x + 0.028, 0.078, 0.004),
-                         brow_mid=_on(cranium_c, cranium_r, brow_x + 0.061, 0.108 if arched else 0.08, 0.004),
-                         brow_out=_on(cranium_c, cranium_r, brow_x + 0.094, 0.062 if arched else 0.08, 0.004),
+    p["eyebrows"] = dict(brow_in=on_surface(cranium_c, cranium_r, brow_x + 0.028, 0.078, 0.004),
+                         brow_mid=on_surface(cranium_c, cranium_r, brow_x + 0.061, 0.108 if arched else 0.08, 0.004),
+                         brow_out=on_surface(cranium_c, cranium_r, brow_x + 0.094, 0.062 if arched else 0.08, 0.004),
                          brow_r=0.013 if a["eyebrow_thickness"] == "thick" else 0.0045, brow_rgb=brow)
 
     mouth = a["mouth"]
@@ -89,9 +89,9 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     gap = 0.022 if mouth == "open" else (0.008 if mouth == "smiling" else 0.0)
     lips = heads.LIPSTICK if a["lips"] == "red lipstick" else skin * np.array((0.86, 0.6, 0.6))
     full = 0.0 if man else 0.002
-    upper = _on(jaw_c, jaw_r, 0.0, -0.098, 0.008)
-    p["lips"] = dict(upper_mid=upper, lower_mid=_on(jaw_c, jaw_r, 0.0, -0.117 - gap, 0.008),
-                     corner=_on(jaw_c, jaw_r, 0.046 if mouth == "smiling" else 0.038, -0.107 + lift, 0.0),
+    upper = on_surface(jaw_c, jaw_r, 0.0, -0.098, 0.008)
+    p["lips"] = dict(upper_mid=upper, lower_mid=on_surface(jaw_c, jaw_r, 0.0, -0.117 - gap, 0.008),
+                     corner=on_surface(jaw_c, jaw_r, 0.046 if mouth == "smiling" else 0.038, -0.107 + lift, 0.0),
                      upper_r=0.009 + full, lower_r=0.011 + full, lip_rgb=lips)
     p["mouth"] = dict(inside_c=(0, -0.109 - gap / 2, upper[2] - 0.008),
                       inside_r=(0.034, 0.01 + gap * 0.5, 0.016) if mouth != "closed" else (0.02, 0.01, 0.01),
@@ -101,25 +101,28 @@ def head_parameters(identity: Identity) -> dict[str, dict[str, np.ndarray]]:
     style = a["hair_style"]
     volume = rng.uniform(0.018, 0.03)
     cr = np.array((0.148 * fw, 0.19, 0.185))
-    cap = dict(cap_c=(0, 0.06, -0.015), cap_r=cr + volume, hairline=(0.045, 0.7),
+    # Every hairline stays above the eyebrows (top <= 0.121) and the forehead lines (y 0.118-0.157,
+    # |x| < 0.075), so both are visible under every style: bangs are a level fringe standing out
+    # just above them, curls a level edge a little higher.
+    cap = dict(cap_c=(0, 0.06, -0.015), cap_r=cr + volume, hairline=(0.085, 1.0, 0.2),
                drop_c=(0, -0.05, -0.05), drop_r=(0.185 * fw, 0.33, 0.17), drop_y=-0.33, drop_front=0.012,
                curl_amp=0.0, hair_rgb=hair)
     hair_styles = {
         "short": dict(cap),
         "long": dict(cap, cap_r=cr + volume + 0.008),
-        "bangs": dict(cap, cap_r=cr + volume + 0.006, hairline=(-0.01, 0.63),
-                      drop_c=(0, -0.0, -0.03), drop_r=(0.178 * fw, 0.2, 0.17), drop_y=-0.145),
+        "bangs": dict(cap, cap_c=(0, 0.06, -0.004), cap_r=cr + volume + (0.006, 0.006, 0.011),
+                      hairline=(0.085, 1.0, 0.17), drop_c=(0, -0.0, -0.03), drop_r=(0.178 * fw, 0.2, 0.17), drop_y=-0.145),
         "curly": dict(cap, cap_c=(0, 0.07, -0.02), cap_r=cr + (0.055, 0.045, 0.05),
-                      hairline=(-0.02, 0.62), curl_amp=0.011),
+                      hairline=(0.085, 1.0, 0.19), curl_amp=0.011),
     }
     for name, values in hair_styles.items():
         p[f"hair_{name}"] = dict(values, **{f"is_{name}": float(style == name)})
 
     beard = a["beard"]
     facial_hair = np.clip(hair * 0.8 if hair_key else brow, 0.0, 1.0)
-    p["mustache"] = dict(must_mid=_on(jaw_c, jaw_r, 0.0, -0.081, 0.012),
-                         must_side=_on(jaw_c, jaw_r, 0.035, -0.087, 0.01),
-                         must_end=_on(jaw_c, jaw_r, 0.052, -0.113, 0.006), must_r=0.011, beard_rgb=facial_hair,
+    p["mustache"] = dict(must_mid=on_surface(jaw_c, jaw_r, 0.0, -0.081, 0.012),
+                         must_side=on_surface(jaw_c, jaw_r, 0.035, -0.087, 0.01),
+                         must_end=on_surface(jaw_c, jaw_r, 0.052, -0.113, 0.006), must_r=0.011, beard_rgb=facial_hair,
                          has_mustache=float(beard != "none"))
     p["beard"] = dict(beard_c=(0, -0.062, 0.02), beard_r=(0.122 * fw + 0.02, 0.135 * fh + 0.022, 0.17),
                       beard_top=(-0.075, 0.6), beard_back=-0.03,

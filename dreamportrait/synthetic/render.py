@@ -311,11 +311,13 @@ def _model_rays(labels: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
 
 
 def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolution: int = 64,
-           supersample: int = 2) -> dict[str, Tensor]:
+           supersample: int = 2, parts: bool = False) -> dict[str, Tensor]:
     """Render heads from EG3D camera labels (B, 25), one label per head.
 
     Returns 'rgb' (B, 3, R, R) in [0, 1], 'depth' (B, 1, R, R) (mean world ray distance of
-    the hit subsamples, 0 where nothing is hit) and 'mask' (B, 1, R, R) (hit fraction).
+    the hit subsamples, 0 where nothing is hit) and 'mask' (B, 1, R, R) (hit fraction); with
+    ``parts``, also 'parts' (B, len(PARTS), R, R): the fraction of each pixel's subsamples that
+    hit each part of :data:`heads.PARTS` (what covers what, e.g. hair over the eyebrows).
     """
     heads = identities if isinstance(identities, HeadBatch) else HeadBatch(identities)
     labels = torch.as_tensor(labels, dtype=torch.float32)
@@ -335,6 +337,7 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
     rgb = heads.background.repeat_interleave(n, dim=0)
     depth = torch.zeros(B * n)
     hit = torch.zeros(B * n, dtype=torch.bool)
+    part = torch.full((B * n,), len(PARTS), dtype=torch.long)  # len(PARTS): background
     group = max(1, CHUNK_RAYS // n)
     for g0 in range(0, B, group):
         heads_g = torch.arange(g0, min(g0 + group, B))
@@ -365,6 +368,7 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
         rgb[out] = heads.shade(p[:, 0], p[:, 1], p[:, 2], b[idx], owner[idx], d_hit[idx])
         depth[out] = t[idx] * HEAD_SCALE
         hit[out] = True
+        part[out] = owner[idx]
 
     def pool(img: Tensor, c: int) -> Tensor:
         img = img.reshape(B, res, res, c).permute(0, 3, 1, 2)
@@ -372,4 +376,7 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
 
     mask = pool(hit.float(), 1)
     depth = torch.where(mask > 0, pool(depth, 1) / mask.clamp_min(1e-6), torch.zeros_like(mask))
-    return {"rgb": pool(rgb, 3).clamp(0.0, 1.0), "depth": depth, "mask": mask}
+    result = {"rgb": pool(rgb, 3).clamp(0.0, 1.0), "depth": depth, "mask": mask}
+    if parts:
+        result["parts"] = pool(F.one_hot(part, len(PARTS) + 1)[:, :-1].float(), len(PARTS))
+    return result
