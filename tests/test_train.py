@@ -3,6 +3,7 @@ presets, input errors, and a chained prior -> stage1 -> stage2 run the app can l
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -192,6 +193,57 @@ def test_stage1_resume_draws_the_same_captions(world, tmp_path):
 def test_stage2_resume_draws_the_same_captions_and_sds_noise(world, stage1_run, tmp_path):
     root, data, teacher = world
     assert_resume_is_exact("stage2", data, tmp_path, f"stage2.init={stage1_run}", f"teacher={teacher}")
+
+
+def draws() -> tuple:
+    return float(torch.rand(1)), float(np.random.rand()), random.random()
+
+
+def test_run_state_round_trips_every_rng_as_plain_data(tmp_path):
+    from train.run_files import RunFiles
+    run = RunFiles(tmp_path, {"a": 1}, total=10, progress=False)
+    np.random.normal()  # numpy's cached Gaussian is part of its state too
+    run.save({"weights": {"w": torch.ones(2)}, "note": "x"}, rank_state={"sampler": {"pos": 3}})
+    run.close()
+    expected = draws()
+    draws()
+    resumed = RunFiles(tmp_path, {"a": 1}, total=10, resume=True, progress=False)
+    assert draws() == expected
+    assert resumed.state["note"] == "x" and resumed.rank_state == {"sampler": {"pos": 3}}
+    resumed.close()
+
+
+def test_save_refuses_state_that_would_not_load_as_plain_data(tmp_path):
+    from train.run_files import RunFiles
+    run = RunFiles(tmp_path, {}, total=10, progress=False)
+    with pytest.raises(TypeError, match=r"state\['opt'\]\['lr'\] is a numpy.float64.*tensors, numbers"):
+        run.save({"opt": {"lr": np.float64(0.1)}})
+    with pytest.raises(TypeError, match=r"rank_state\['sampler'\] is a numpy.ndarray.*torch.from_numpy"):
+        run.save({}, rank_state={"sampler": np.zeros(3)})
+    assert not (tmp_path / "state.pt").exists()
+    run.close()
+
+
+class _MakesADirectory:
+    """Unpickling this calls os.mkdir: a stand-in for whatever code a crafted pickle could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_state_file_holding_a_python_object_is_refused_without_running_it(tmp_path):
+    from train.run_files import RunFiles
+    RunFiles(tmp_path, {}, total=10, progress=False).close()
+    marker = tmp_path / "code-ran"
+    torch.save({"G": {"w": torch.ones(1)}, "payload": _MakesADirectory(str(marker)), "nimg": 0, "steps": 0,
+                "ranks": [{}]}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"state.pt holds objects other than tensors.*\w+\.mkdir"
+                                         r".*not loaded.*start a new --run-dir"):
+        RunFiles(tmp_path, {}, total=10, resume=True, progress=False)
+    assert not marker.exists()
 
 
 def test_bf16_autocast_trains_every_phase_of_stage2(world, stage1_run, tmp_path):

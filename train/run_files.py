@@ -4,7 +4,9 @@ A run folder holds ``config.json``, ``state.pt`` (everything needed to continue:
 optimisers, images seen, steps and every process's RNG state), ``log.jsonl`` (one line per
 logged step), tensorboard scalars and images, and ``samples/`` (PNG grids). ``state.pt`` is
 replaced atomically, so a run killed at any moment continues from its last checkpoint with
-``resume=True`` as if it had never stopped.
+``resume=True`` as if it had never stopped. It holds only tensors, numbers, strings, lists, tuples
+and dicts, and is loaded with ``weights_only=True``: opening it never unpickles other objects
+(which could run code), and :meth:`RunFiles.save` refuses anything else.
 
 Under ``torchrun`` every rank opens the run: rank 0 writes the files, :meth:`RunFiles.save` is
 collective (each rank's RNG state and ``rank_state`` are gathered into the one file) and a
@@ -13,8 +15,11 @@ resumed rank gets its own back.
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +27,17 @@ import torch
 import torch.distributed as dist
 
 from dreamportrait.checkpoints import atomic_file, atomic_write
+from dreamportrait.grid import make_grid, save_png
 
 STATE_FILE = "state.pt"
+PLAIN_VALUES = (str, int, float, bool, type(None))  # with tensors, lists, tuples and dicts: what state.pt holds
 
 
 def rng_state() -> dict:
-    """This process's global RNG states: torch (and CUDA), numpy, Python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's global RNG states: torch (and CUDA), numpy (its key as a tensor), Python."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,10 +45,30 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_plain(value, where: str = "state") -> None:
+    """Raise TypeError unless ``value`` is made of tensors, numbers, strings, None, lists, tuples and
+    dicts only: what ``torch.load(..., weights_only=True)`` reads back."""
+    if isinstance(value, torch.Tensor) or type(value) in PLAIN_VALUES:
+        return
+    if type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"{where} has a key {k!r} of type {type(k).__name__}; use str or int keys")
+            check_plain(v, f"{where}[{k!r}]")
+    elif type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}; {STATE_FILE} holds only "
+                        "tensors, numbers, strings, lists, tuples and dicts (it is loaded without unpickling "
+                        "other objects): convert it, e.g. an array with torch.from_numpy, a config with json.dumps")
 
 
 class RunFiles:
@@ -86,7 +115,13 @@ class RunFiles:
             changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             raise ValueError(f"--resume: the settings differ from the run in {self.dir} ({changed}); "
                              "resume with the same settings or start a new --run-dir")
-        self.state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        try:
+            self.state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            raise ValueError(f"--resume: {self.state_path} holds objects other than tensors, numbers, strings, "
+                             f"lists and dicts ({found[1] if found else err}); they are not loaded, as unpickling "
+                             "them could run code. It was not written by RunFiles.save: start a new --run-dir") from None
         ranks = self.state.pop("ranks")
         if len(ranks) != self.world_size:
             raise ValueError(f"--resume: {self.dir} was saved by {len(ranks)} process(es), this run has "
@@ -121,25 +156,23 @@ class RunFiles:
                 self.tb.add_scalar(k, v, self.nimg)
 
     def image_grid(self, name: str, images: torch.Tensor, nrow: int) -> Path | None:
-        """Save images in [-1, 1] (B, 3, H, W) as ``samples/{name}-{nimg}.png`` and to tensorboard (rank 0)."""
+        """Save images in [-1, 1] (B, 3, H, W), ``nrow`` to a row, as ``samples/{name}-{nimg}.png`` and to
+        tensorboard (rank 0)."""
         if not self.is_main:
             return None
-        from torchvision.utils import make_grid
-        from PIL import Image
-        grid = make_grid(((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu(),
-                         nrow=nrow, padding=1)
-        path = self.dir / "samples" / f"{name}-{self.nimg:09d}.png"
-        path.parent.mkdir(exist_ok=True)
-        with atomic_file(path) as tmp:
-            Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+        grid = make_grid(images, nrow)
+        path = save_png(grid, self.dir / "samples" / f"{name}-{self.nimg:09d}.png")
         if self.tb is not None:
-            self.tb.add_image(name, grid, self.nimg)
+            self.tb.add_image(name, grid, self.nimg, dataformats="HWC")
         return path
 
     def save(self, state: dict, rank_state: dict | None = None) -> None:
         """Atomically write ``state`` (rank 0's) plus images seen, steps and every rank's RNG state and
-        ``rank_state`` as the run's checkpoint. Collective under torchrun: every rank calls it."""
+        ``rank_state`` as the run's checkpoint. Collective under torchrun: every rank calls it.
+        Both may hold tensors, numbers, strings, lists, tuples and dicts only (TypeError otherwise)."""
         own = {"rng": rng_state(), **(rank_state or {})}
+        check_plain(state)
+        check_plain(own, "rank_state")
         ranks = [own]
         if self.world_size > 1:
             ranks = [None] * self.world_size
