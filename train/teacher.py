@@ -3,10 +3,26 @@
 A teacher is the five components of a diffusers Stable Diffusion pipeline folder:
 ``unet`` (``UNet2DConditionModel``, epsilon prediction), ``vae`` (``AutoencoderKL``),
 ``scheduler`` (any beta-schedule scheduler; loaded as ``DDPMScheduler`` since only
-``alphas_cumprod`` and ``add_noise`` are used), ``text_encoder`` (``CLIPTextModel``) and
-``tokenizer`` (``CLIPTokenizer``). Paper scale: ``stabilityai/stable-diffusion-2-base`` from a
-local folder or the Hugging Face cache (never downloaded here); synthetic world: a local folder
-(see ``world.tiny_teacher``).
+``alphas_cumprod`` and ``add_noise`` are used), ``text_encoder`` and ``tokenizer``: a
+``CLIPTextModel`` with a ``CLIPTokenizer`` (Stable Diffusion 2), or a ``BertModel`` with a
+``BertTokenizer`` (the synthetic world's teacher reads text with all-MiniLM-L6-v2). Paper scale:
+``stabilityai/stable-diffusion-2-base`` from a local folder or the Hugging Face cache (never
+downloaded here); synthetic world: a local folder (``world.teacher_training``,
+``world.tiny_teacher``). Weights are read from safetensors only (a pickled ``.bin`` is never
+loaded), and a BERT text encoder with all-MiniLM-L6-v2's architecture must be its published
+files (sha256, checked as ``TextEncoder.from_minilm`` checks them).
+
+The U-Net's conditioning is the text encoder's last hidden states at every position of the
+tokenizer's context (77), padding included, with no mask in cross-attention, as in SD. A CLIP
+encoder runs as SD2 runs it (its causal mask keeps padding out of the words' states); a BERT
+encoder runs with its attention mask (as it was trained) and its states at padding are zero:
+exactly the local condition of ``TextEncoder.from_minilm``. diffusers' ``StableDiffusionPipeline``
+loads such a folder too; give it ``prompt_embeds=teacher.encode_prompts(...)`` for this
+conditioning (its own encoding leaves BERT's padding states unzeroed).
+
+Renders are resized to the U-Net's image size, ``unet.config.sample_size`` times the VAE's
+downsampling factor, as diffusers' pipelines size their images (Stable Diffusion 2's VAE config
+says 768 while its U-Net works on 64x64 latents of 512x512 images).
 
 All components are frozen (eval mode, ``requires_grad_(False)``) and no gradient is ever
 stored in them. Each runs in its own precision whatever autocast the caller is under: the U-Net
@@ -27,8 +43,13 @@ from dreamportrait.ops import resize
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 _FOLDER_LAYOUT = (
     "a Stable-Diffusion-style pipeline folder must contain unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), "
-    "scheduler/ (a DDPM-family scheduler config), text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer), "
-    "as diffusers' StableDiffusionPipeline.save_pretrained writes them")
+    "scheduler/ (a DDPM-family scheduler config), text_encoder/ (CLIPTextModel or BertModel) and tokenizer/ "
+    "(CLIPTokenizer or BertTokenizer), with safetensors weights, as diffusers' StableDiffusionPipeline."
+    "save_pretrained writes them")
+# text encoder class -> (its tokenizer classes, the files the tokenizer folder holds: one of these sets)
+_TEXT_MODELS = {
+    "CLIPTextModel": (("CLIPTokenizer", "CLIPTokenizerFast"), (("tokenizer.json",), ("vocab.json", "merges.txt"))),
+    "BertModel": (("BertTokenizer", "BertTokenizerFast"), (("tokenizer.json",), ("vocab.txt",)))}
 
 
 class TeacherError(ValueError):
@@ -72,9 +93,12 @@ def _expect(component: str, found: str | None, allowed: Sequence[str]):
             f"teacher component '{component}' is a {found!r}, expected {' or '.join(allowed)}; {_FOLDER_LAYOUT}")
 
 
-def check_teacher_folder(folder: Path):
-    """Validate every component's presence and class from its config file, before loading weights."""
+def check_teacher_folder(folder: Path) -> str:
+    """Validate every component's presence, class and weight format from its files, before loading
+    weights; an all-MiniLM-L6-v2 text encoder must be the published files. Returns the text
+    encoder's class name (a key of ``_TEXT_MODELS``)."""
     from diffusers import DDPMScheduler
+    from dreamportrait.text_encoder import check_minilm_files, is_minilm_config
 
     _expect("unet", _read_config(folder, "unet", "config.json").get("_class_name"), ["UNet2DConditionModel"])
     _expect("vae", _read_config(folder, "vae", "config.json").get("_class_name"), ["AutoencoderKL"])
@@ -82,20 +106,34 @@ def check_teacher_folder(folder: Path):
     beta_schedulers = [name for name in DDPMScheduler._compatibles if name != "EDMEulerScheduler"]
     _expect("scheduler", scheduler.get("_class_name"), beta_schedulers)
     text = _read_config(folder, "text_encoder", "config.json")
-    _expect("text_encoder", (text.get("architectures") or [None])[0], ["CLIPTextModel"])
+    text_class = (text.get("architectures") or [None])[0]
+    _expect("text_encoder", text_class, list(_TEXT_MODELS))
     tokenizer = folder / "tokenizer"
     if not tokenizer.is_dir():
         raise TeacherError(f"teacher folder {folder} has no 'tokenizer' component; {_FOLDER_LAYOUT}")
-    if not ((tokenizer / "tokenizer.json").is_file()
-            or ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())):
-        raise TeacherError(
-            f"teacher component 'tokenizer' in {tokenizer} has neither tokenizer.json nor vocab.json + merges.txt; "
-            f"{_FOLDER_LAYOUT}")
+    classes, file_sets = _TEXT_MODELS[text_class]
+    if not any(all((tokenizer / name).is_file() for name in names) for names in file_sets):
+        wanted = " nor ".join(" + ".join(names) for names in file_sets)
+        raise TeacherError(f"teacher component 'tokenizer' in {tokenizer} has neither {wanted}, which the "
+                           f"tokenizer of a {text_class} needs; {_FOLDER_LAYOUT}")
     config_file = tokenizer / "tokenizer_config.json"
     if config_file.is_file():
         found = json.loads(config_file.read_text()).get("tokenizer_class")
         if found is not None:
-            _expect("tokenizer", found, ["CLIPTokenizer", "CLIPTokenizerFast"])
+            _expect("tokenizer", found, classes)
+    for component in ("unet", "vae", "text_encoder"):
+        if not any((folder / component).glob("*.safetensors")):
+            raise TeacherError(f"teacher component '{component}' in {folder / component} has no .safetensors "
+                               "weights; pickled weights (.bin) are never loaded: convert them to safetensors "
+                               "(save_pretrained(..., safe_serialization=True)) where you trust them")
+    if text_class == "BertModel" and is_minilm_config(text):
+        try:
+            check_minilm_files(folder / "text_encoder", vocab_folder=tokenizer)
+        except (ValueError, FileNotFoundError) as error:
+            raise TeacherError(f"teacher {folder}: its text encoder is all-MiniLM-L6-v2's architecture but not "
+                               f"its published files ({error}); re-export the teacher from a verified MiniLM "
+                               "(python -m world.teacher_training unet ... --out)") from error
+    return text_class
 
 
 def _config(module, component: str, keys: Sequence[str]):
@@ -117,8 +155,8 @@ class DiffusionTeacher:
 
     def __init__(self, unet, vae, scheduler, text_encoder, tokenizer, *, device="cpu",
                  dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
-        unet_config = _config(unet, "unet", ["in_channels", "cross_attention_dim"])
-        vae_config = _config(vae, "vae", ["scaling_factor", "latent_channels", "sample_size"])
+        unet_config = _config(unet, "unet", ["in_channels", "cross_attention_dim", "sample_size"])
+        vae_config = _config(vae, "vae", ["scaling_factor", "latent_channels", "block_out_channels"])
         scheduler_config = _config(scheduler, "scheduler", ["num_train_timesteps", "prediction_type"])
         text_config = _config(text_encoder, "text_encoder", ["hidden_size", "max_position_embeddings"])
         if not hasattr(vae, "encode"):
@@ -142,23 +180,35 @@ class DiffusionTeacher:
         self.dtype, self.vae_dtype = dtype, vae_dtype
         for module in (unet, vae, text_encoder):
             module.eval().requires_grad_(False)
+        self.context_length = min(getattr(tokenizer, "model_max_length", text_config.max_position_embeddings),
+                                  text_config.max_position_embeddings)
+        size = unet_config.sample_size
+        factor = 2 ** (len(vae_config.block_out_channels) - 1)  # diffusers' vae_scale_factor
+        self.image_size = tuple(factor * s for s in ((size, size) if isinstance(size, int) else size))
+        self._bert = None  # a BERT text encoder is read through the BERT route of TextEncoder
+        if getattr(text_config, "model_type", None) == "bert":
+            from dreamportrait.text_encoder import TextEncoder
+            self._bert = TextEncoder.from_bert(text_encoder, tokenizer, {"source": "teacher"}, self.context_length)
         self.to(device)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device="cpu",
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
         """Load a pipeline folder (or a cached HF repo id) component by component, offline."""
+        import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = resolve_teacher_folder(name_or_path)
-        check_teacher_folder(folder)
+        text_class = check_teacher_folder(folder)
+        weights = dict(local_files_only=True, use_safetensors=True)
+        text_model = getattr(transformers, text_class)
+        tokenizer = getattr(transformers, _TEXT_MODELS[text_class][0][0])
         return cls(
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **weights),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights),
             scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+            text_encoder=text_model.from_pretrained(folder, subfolder="text_encoder", **weights),
+            tokenizer=tokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
             device=device, dtype=dtype, vae_dtype=vae_dtype)
 
     def to(self, device) -> "DiffusionTeacher":
@@ -186,16 +236,20 @@ class DiffusionTeacher:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text conditioning (B, L, D) in fp32: the text encoder's ``last_hidden_state``.
+        """Text conditioning (B, L, D) in fp32: the text encoder's ``last_hidden_state`` at all L
+        positions of the context (see the module's documentation for padding).
 
         For SD2 folders this is already OpenCLIP ViT-H's penultimate layer after the final
-        layer norm (diffusers drops the last block), i.e. SD2's own conditioning.
+        layer norm (diffusers drops the last block), i.e. SD2's own conditioning. For a BERT
+        text encoder it is ``TextEncoder.from_bert(...)(prompts).tokens``.
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode_prompts takes a list of strings, one prompt per image")
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=self.text_encoder.config.max_position_embeddings).input_ids
         with self.own_precision():
+            if self._bert is not None:
+                return self._bert(list(prompts)).tokens.float()
+            ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
+                                 max_length=self.context_length).input_ids
             return self.text_encoder(ids.to(self.device)).last_hidden_state.float()
 
     def uncond_embedding(self) -> torch.Tensor:
@@ -207,7 +261,8 @@ class DiffusionTeacher:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latents (fp32) of images in [-1, 1], keeping the encoder's autograd graph.
 
-        Images whose size differs from the VAE's ``sample_size`` are resized bilinearly with
+        Images whose size differs from the U-Net's image size (:attr:`image_size`, the U-Net's
+        ``sample_size`` times the VAE's downsampling factor) are resized bilinearly with
         antialiasing first. The latent is the posterior *mean* (StyleGANFusion, the SDS-on-EG3D
         precedent, uses it too): deterministic, and SD's posterior std is tiny, so a sample
         would only add noise to the gradient. Multiplied by ``vae.config.scaling_factor``.
@@ -215,10 +270,8 @@ class DiffusionTeacher:
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"encode_images takes float RGB images (B, 3, H, W) in [-1, 1], got "
                              f"{images.dtype} {tuple(images.shape)}")
-        size = self.vae.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if tuple(images.shape[-2:]) != size:
-            images = resize(images, size)
+        if tuple(images.shape[-2:]) != self.image_size:
+            images = resize(images, self.image_size)
         with self.own_precision():
             posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
             return posterior.mean.float() * self.vae.config.scaling_factor

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from dreamportrait.grid import to_uint8
+
 
 def parse_seeds(text: str) -> list[int]:
     """``"0-7"``, ``"3"`` or ``"1,4,9"`` (ranges inclusive) -> a list of seeds."""
@@ -43,7 +45,7 @@ def sample_teacher(teacher, prompts: Sequence[str], seeds: Sequence[int], guidan
 def labelled_grid(images: torch.Tensor, prompts: Sequence[str], columns: int, scale: int = 2):
     """A PIL image: one row per prompt (its text on the left), ``columns`` images per row."""
     from PIL import Image, ImageDraw
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_uint8(images, value_range=(-1.0, 1.0))
     size, pad, label = images.shape[-1] * scale, 2, 260
     grid = Image.new("RGB", (label + columns * (size + pad), len(prompts) * (size + pad)), "white")
     draw = ImageDraw.Draw(grid)

