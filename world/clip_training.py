@@ -180,6 +180,7 @@ def train(data_path: str, run_dir: str, kimg: float, out: str | None = None,
         features = text_cache(clip, captions, run.dir / TEXT_CACHE, progress)
         mentions, values = mention_matrix(captions), attribute_matrix(data.attributes)
         val = _validation_set(clip, cfg["val_data"]) if cfg["val_data"] else None
+        run.t0, run.n0 = time.time(), run.nimg  # the log's images/s: training only, not the text features
         batch, total_steps = cfg["batch"], math.ceil(run.total / cfg["batch"])
         val_every = max(1, round(cfg["val_every_kimg"] * 1000 / batch))
         step, last_save = run.nimg // batch, time.time()
