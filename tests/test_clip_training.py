@@ -11,7 +11,7 @@ import torch
 from clip_reference import hand_run
 from dreamportrait.checkpoints import CheckpointError, read_model_metadata
 from dreamportrait.synthetic.attributes import sample_identities
-from dreamportrait.synthetic.captions import make_caption, mentionable, parse_caption
+from dreamportrait.synthetic.captions import make_caption, parse_caption
 from dreamportrait.synthetic.lit_clip import KIND, LIT_CLIP_FILE, LitClip, LitClipConfig
 from dreamportrait.text_encoder import TextEncoder, save_sd_text_encoder
 from train import evaluate as ev
