@@ -652,10 +652,11 @@ def _cmd_unet(args) -> None:
     if args.out:
         logs = {"unet-log.jsonl": run_dir / "log.jsonl",
                 "vae-reconstruction-unet-data.json": run_dir / "reconstruction.json"}
-        vae_run = Path(args.vae).parent
-        if (vae_run / "log.jsonl").is_file():
-            logs["vae-log.jsonl"] = vae_run / "log.jsonl"
-            logs["vae-reconstruction.json"] = vae_run / "reconstruction.json"
+        vae_run = Path(args.vae).parent  # the vae phase's run folder, or a teacher folder whose VAE is kept
+        for name in ("log.jsonl", "reconstruction.json"):
+            found = [f for f in (vae_run / name, vae_run / "logs" / f"vae-{name}") if f.is_file()]
+            if found:
+                logs[f"vae-{name}"] = found[0]
         folder = export_teacher(ema, vae, encoder, args.out, logs)
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         print(f"teacher folder written to {folder} ({size / 2 ** 20:.1f} MiB)")
