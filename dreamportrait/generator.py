@@ -92,11 +92,13 @@ class GeneratorConfig:
 PRESETS: dict[str, GeneratorConfig] = {
     # EG3D's FFHQ 512 model (ffhq512-128.pkl): 256^2 x 3 x 32 planes, NRR 128, 48+48 samples, SR 8XDC.
     "eg3d-ffhq-512": GeneratorConfig(),
-    # Small CPU model: 64^2 planes, 32^2 neural render, 64^2 output; widths shrink with resolution.
+    # Small CPU model: 64^2 planes, 32^2 neural render, 64^2 output; widths shrink with resolution;
+    # a 32-wide decoder and 12+12 depth samples (1.2x the training images/s of 64 and 16+16 at no
+    # visible loss after 1.6 kimg: benchmarks/RESULTS.md, training throughput).
     "tiny": GeneratorConfig(z_dim=64, w_dim=128, triplane_resolution=64, triplane_channels=16,
                             channel_base=2048, channel_max=128, sr_input_resolution=32, sr_channels=(32, 16),
-                            sr_upsample=(False, True), neural_rendering_resolution=32,
-                            depth_resolution=16, depth_resolution_importance=16),
+                            sr_upsample=(False, True), neural_rendering_resolution=32, decoder_hidden=32,
+                            depth_resolution=12, depth_resolution_importance=12),
 }
 
 
