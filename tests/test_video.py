@@ -26,9 +26,11 @@ def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def subject():
     """A tiny random generator's ws and planes; the planes are scaled x4 so the random density field
-    is opaque and structured enough that the neural render changes visibly along the orbit."""
+    is opaque and structured enough that the neural render changes visibly along the orbit. The
+    random field is the one of the tiny preset's earlier decoder and depth sampling (64 hidden,
+    16+16 samples), whose structure these tests were written against."""
     torch.manual_seed(0)
-    G = TriPlaneGenerator(preset("tiny")).eval()
+    G = TriPlaneGenerator(preset("tiny", decoder_hidden=64, depth_resolution=16, depth_resolution_importance=16)).eval()
     with torch.no_grad():
         ws = G.mapping(torch.randn(1, G.config.z_dim), G.conditioning_label())
         planes = G.synthesize_planes(ws, noise_mode="const") * 4

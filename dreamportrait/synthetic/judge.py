@@ -30,6 +30,25 @@ def _current_vocabulary() -> dict[str, list[str]]:
     return {name: list(values) for name, values in ATTRIBUTES.items()}
 
 
+def check_image_tower(resolution: int, channels: Sequence[int], norm_groups: int) -> None:
+    """A stride-2 conv tower's config (the judge's and the world's CLIP's image towers): one halving
+    per entry of ``channels``, GroupNorm groups dividing every width."""
+    if resolution % 2 ** len(channels):
+        raise ValueError(f"resolution {resolution} is not divisible by 2^{len(channels)} "
+                         f"(one halving per entry of channels {tuple(channels)})")
+    if any(c % norm_groups for c in channels):
+        raise ValueError(f"every channel count {tuple(channels)} must be divisible by norm_groups={norm_groups}")
+
+
+def tower_input(images: torch.Tensor, resolution: int, device, who: str) -> torch.Tensor:
+    """Check an RGB batch in [-1, 1] (B, 3, H, W); float32 on ``device`` at the tower's resolution."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{who} takes RGB images (B, 3, H, W) in [-1, 1], got {shape}")
+    images = images.to(device, torch.float32)
+    return images if images.shape[-2:] == (resolution, resolution) else resize(images, resolution)
+
+
 @dataclass
 class JudgeConfig:
     """Architecture of the judge and the attribute vocabulary its heads read."""
@@ -44,11 +63,7 @@ class JudgeConfig:
         self.vocabulary = {str(k): [str(v) for v in vals] for k, vals in self.vocabulary.items()}
         if not self.vocabulary or any(len(v) < 2 for v in self.vocabulary.values()):
             raise ValueError("the vocabulary needs at least one attribute, each with at least two values")
-        if self.resolution % 2 ** len(self.channels):
-            raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channels)} "
-                             f"(one halving per entry of channels {self.channels})")
-        if any(c % self.norm_groups for c in self.channels):
-            raise ValueError(f"every channel count {self.channels} must be divisible by norm_groups={self.norm_groups}")
+        check_image_tower(self.resolution, self.channels, self.norm_groups)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -94,15 +109,7 @@ class AttributeClassifier(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Check the batch and resize it to the judge's resolution (antialiased bilinear)."""
-        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"the judge takes RGB images (B, 3, H, W) in [-1, 1], got {shape}")
-        device = next(self.parameters()).device
-        images = images.to(device, torch.float32)
-        r = self.config.resolution
-        if images.shape[-2:] != (r, r):
-            images = resize(images, r)
-        return images
+        return tower_input(images, self.config.resolution, next(self.parameters()).device, "the judge")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (B, feature_dim): what the heads read, and FID's features here."""

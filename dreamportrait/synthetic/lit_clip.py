@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointError, load_model_file, save_model_file
-from ..ops import resize
 from ..text_encoder import MeanPooledBert, TextEncoder
+from .judge import check_image_tower, tower_input
 
 KIND = "lit-clip"
 LIT_CLIP_FILE = "lit_clip.safetensors"
@@ -47,11 +47,7 @@ class LitClipConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if not isinstance(self.text_encoder, dict) or "width" not in self.text_encoder:
             raise ValueError("text_encoder must be the locked text tower's identity (TextEncoder.describe())")
-        if self.resolution % 2 ** len(self.channels):
-            raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channels)} "
-                             f"(one halving per entry of channels {self.channels})")
-        if any(c % self.norm_groups for c in self.channels):
-            raise ValueError(f"every channel count {self.channels} must be divisible by norm_groups={self.norm_groups}")
+        check_image_tower(self.resolution, self.channels, self.norm_groups)
 
     def to_dict(self) -> dict:
         return dict(dataclasses.asdict(self), channels=list(self.channels))
@@ -107,12 +103,7 @@ class LitClip(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W), resized to the tower's resolution -> unit embeddings (B, D)."""
-        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"the CLIP takes RGB images (B, 3, H, W) in [-1, 1], got {shape}")
-        x = images.to(self.device, torch.float32)
-        if x.shape[-2:] != (self.config.resolution,) * 2:
-            x = resize(x, self.config.resolution)
+        x = tower_input(images, self.config.resolution, self.device, "the CLIP")
         return F.normalize(self.image_tower(x), dim=-1)
 
     @torch.no_grad()
