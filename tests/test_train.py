@@ -24,7 +24,7 @@ from train.sampling import BatchSampler, open_data
 from world.tiny_teacher import write_tiny_teacher_folder
 
 FAST = ["batch=4", "snapshot_every_kimg=0.008", "image_every_kimg=1000",
-        "gan.blur_init_sigma=1.0", "text.open_clip_folder=null",
+        "gan.blur_init_sigma=1.0", "text.minilm=null",
         'text.open_clip_config={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}',
         "generator=" + json.dumps(generator_preset("tiny", neural_rendering_resolution=16).to_dict()),
         "text.condition.text_dim=32", "text.condition.adapter_resolutions=[8,32]"]
@@ -296,8 +296,11 @@ def test_every_preset_validates_for_every_stage():
         validate(apply_overrides(preset("synthetic-tiny"), ["teacher=null"]), "stage2")
     with pytest.raises(ValueError, match="several text encoders"):
         validate(apply_overrides(preset("synthetic-tiny"), ['text.open_clip_config={"width": 32}']), "stage1")
+    with pytest.raises(ValueError, match="several text encoders"):
+        validate(apply_overrides(preset("synthetic-tiny"), ["text.open_clip_folder=checkpoints/synthetic-clip"]),
+                 "stage1")
     with pytest.raises(ValueError, match="needs a text encoder"):
-        validate(apply_overrides(preset("synthetic-tiny"), ["text.open_clip_folder=null"]), "stage1")
+        validate(apply_overrides(preset("synthetic-tiny"), ["text.minilm=null"]), "stage1")
 
 
 def test_missing_inputs_are_clear_errors_before_any_work(world, tmp_path):

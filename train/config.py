@@ -134,7 +134,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-TEXT_SOURCES = ("open_clip_model", "open_clip_config", "open_clip_folder", "sd_pipeline")
+TEXT_SOURCES = ("open_clip_model", "open_clip_config", "open_clip_folder", "sd_pipeline", "minilm")
 
 PRESETS: dict[str, TrainConfig] = {
     # CPU, minutes per thousand images: the synthetic portrait world at 64x64.
@@ -143,8 +143,9 @@ PRESETS: dict[str, TrainConfig] = {
         gan=GANLossConfig(r1_gamma=1.0, blur_init_sigma=2.0, blur_fade_kimg=2.0, gpc_reg_prob=0.5,
                           gpc_reg_fade_kimg=5.0),
         optim=OptimConfig(g_lr=0.0025, d_lr=0.002, ema_kimg=1.0, ema_rampup=0.05),
-        text=TextConfig(open_clip_folder="checkpoints/synthetic-clip",
-                        condition=TextConditionConfig(text_dim=128, adapter_resolutions=(4, 8, 16, 32, 64))),
+        # The generator reads the pretrained all-MiniLM-L6-v2 (sha256-checked, from its pip package).
+        text=TextConfig(minilm="sentence-transformers/all-MiniLM-L6-v2",
+                        condition=TextConditionConfig(text_dim=384, adapter_resolutions=(4, 8, 16, 32, 64))),
         sds=DistributionSDSConfig(guidance_scale=7.5),  # the small teacher's best scale (world/RESULTS.md, §3)
         teacher="checkpoints/synthetic-teacher",
         prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior"),
