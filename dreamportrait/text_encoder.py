@@ -230,7 +230,11 @@ class MeanPooledBert(nn.Module):
             raise ValueError(f"token ids do not start with [CLS] ({self.cls_id}); "
                              "use the tokenizer that belongs to this text model")
         mask = ids != self.pad_id
-        tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state * mask[..., None]
+        # Real tokens are a prefix of each row: the model runs on the batch's longest prompt only
+        # (the masked padding changes nothing) and the states are zero-padded back to the context.
+        keep = int(mask.sum(1).max())
+        states = self.model(input_ids=ids[:, :keep], attention_mask=mask[:, :keep].long()).last_hidden_state
+        tokens = torch.nn.functional.pad(states, (0, 0, 0, ids.shape[1] - keep)) * mask[..., None]
         return tokens.sum(1) / mask.sum(1, keepdim=True), tokens, mask
 
 

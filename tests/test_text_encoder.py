@@ -225,6 +225,19 @@ def test_bert_route_is_padding_invariant(bert_encoder):
     assert alone.eot.shape == (1, 32) and longer.tokens.shape == (1, 40, 32)
 
 
+
+def test_bert_route_runs_the_model_on_the_longest_prompt_not_the_context(bert_encoder, monkeypatch):
+    """The cost of the BERT route follows the prompts' length: a 40-position context with short
+    prompts runs the model on as many positions as the longest prompt has tokens."""
+    encoder = _bert_encoder(context_length=40)
+    seen = []
+    model = encoder.tower.model
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: (seen.append(kw["input_ids"].shape[1]), forward(**kw))[1])
+    enc = encoder(BERT_PROMPTS[:2])
+    assert seen == [int(enc.num_tokens.max())] and enc.tokens.shape[1] == 40
+
+
 def test_minilm_loader_refuses_other_weights_with_both_hashes_and_the_fix(tmp_path):
     from dreamportrait.text_encoder import MINILM_PACKAGE, MINILM_SHA256
     folder = tmp_path / "not-minilm"
