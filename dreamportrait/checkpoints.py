@@ -7,6 +7,8 @@ JSON turns tuples into lists, so configs come back with lists where tuples went 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -77,6 +79,15 @@ def _metadata(config: dict, kind: str, extra: dict | None) -> dict[str, str]:
         except TypeError as exc:
             raise ValueError(f"metadata entry {key!r} is not JSON-serialisable: {exc}") from exc
     return metadata
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A config dataclass from its ``to_dict()``; unknown keys are an error naming ``what`` and the known keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; known keys: {sorted(names)}")
+    return cls(**d)
 
 
 def save_model_file(path, tensors: dict[str, torch.Tensor], config: dict, kind: str,

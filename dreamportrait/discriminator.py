@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoints import CheckpointError, load_model_file, save_model_file
+from .checkpoints import CheckpointError, config_from_dict, load_model_file, save_model_file
 from .layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 from .ops import resize
 
@@ -43,11 +43,7 @@ class DiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiscriminatorConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown discriminator config keys {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "discriminator")
 
     @classmethod
     def from_eg3d_kwargs(cls, kw: dict) -> "DiscriminatorConfig":

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .checkpoints import load_model_file, save_model_file
+from .checkpoints import config_from_dict, load_model_file, save_model_file
 from .cameras import FFHQ_DATASET_FOCAL, camera_label, camera_rays
 from .layers import MappingNetwork, SynthesisBlock
 from .renderer import ImportanceRenderer, OSGDecoder, RenderOptions
@@ -82,11 +82,7 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown generator config keys {sorted(unknown)}; known keys: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "generator")
 
 
 PRESETS: dict[str, GeneratorConfig] = {
