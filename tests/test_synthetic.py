@@ -64,6 +64,33 @@ def test_zip_output_is_deterministic_and_holds_the_same_content(written, tmp_pat
     assert np.abs(first - np.asarray(Image.open(written / "00000/img00000000.png")).astype(int)).max() <= 2
 
 
+def test_killed_render_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    import shutil
+
+    import dreamportrait.synthetic.dataset_writer as writer
+    whole = write_dataset(tmp_path / "whole", num=3, resolution=32, seed=7, views=2, batch=2, progress=False)
+    # A job killed after its first batch: images 0-1 and synthetic.json written, nothing else.
+    part = tmp_path / "part"
+    (part / "00000").mkdir(parents=True)
+    for name in ("synthetic.json", "00000/img00000000.png", "00000/img00000001.png"):
+        shutil.copyfile(whole / name, part / name)
+    with pytest.raises(FileExistsError, match="--resume"):
+        write_dataset(part, num=3, resolution=32, seed=7, views=2, batch=2, progress=False)
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        write_dataset(part, num=3, resolution=32, seed=8, views=2, batch=2, progress=False, resume=True)
+    rendered = []
+    real = writer._render_batch
+    monkeypatch.setattr(writer, "_render_batch", lambda ids, labels, res: rendered.append(len(ids)) or real(ids, labels, res))
+    write_dataset(part, num=3, resolution=32, seed=7, views=2, batch=2, progress=False, resume=True)
+    assert rendered == [2, 2]  # the first batch was not rendered again
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(part) for p in part.rglob("*") if p.is_file())
+    for rel in files:
+        assert (whole / rel).read_bytes() == (part / rel).read_bytes(), rel
+    with pytest.raises(FileExistsError, match="complete"):
+        write_dataset(part, num=3, resolution=32, seed=7, views=2, batch=2, progress=False, resume=True)
+
+
 def test_identity_rebuilds_from_its_seed(written):
     attrs = _load(written, "attributes.json")
     for entry in attrs.values():

@@ -2,6 +2,7 @@
 
     python -m dreamportrait.synthetic --out data/synthetic64 --num 10000 --res 64 --seed 0
     python -m dreamportrait.synthetic --out data/heldout64 --num 500 --split heldout --views 8 --zip
+    python -m dreamportrait.synthetic --out data/synthetic64 --num 10000 --res 64 --seed 0 --resume  # a killed job
 """
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="render in this many single-threaded processes (0: in this process, default)")
     parser.add_argument("--radius-jitter", type=float, default=0.0, help="relative std of the camera radius")
     parser.add_argument("--pivot-jitter", type=float, default=0.0, help="std of the look-at pivot coordinates")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an unfinished folder output (a killed job) with the same options")
     args = parser.parse_args(argv)
     try:
         path = write_dataset(args.out, args.num, args.res, args.seed, args.views, args.split, args.zip,
-                             args.batch, args.radius_jitter, args.pivot_jitter, workers=args.workers)
-    except (FileExistsError, ValueError) as e:
+                             args.batch, args.radius_jitter, args.pivot_jitter, workers=args.workers,
+                             resume=args.resume)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     print(f"wrote {args.num * args.views} images of {args.num} identities to {path}")
 

@@ -7,11 +7,17 @@ Layout (a folder, or the same entries in an uncompressed zip like EG3D's dataset
 - ``captions.json``: ``{name: [10 captions]}`` (all views of an identity share its captions);
 - ``attributes.json``: ``{name: {"identity", "identity_seed", "view", "yaw", "pitch",
   "attributes"}}`` (ground truth; ``Identity.from_seed(identity_seed)`` rebuilds the head);
-- ``synthetic.json``: the generation settings and the held-out attribute combinations.
+- ``synthetic.json``: the generation settings and the held-out attribute combinations (written
+  first, so an unfinished folder says what it was becoming).
 
 ``split='train'`` keeps only identities without a held-out combination, ``'heldout'`` only
 identities with one, ``'all'`` everything; train and held-out sets of one seed never share an
 identity. Use another seed for held-out identities of the training distribution.
+
+A folder output is complete once ``dataset.json`` exists (it is written last). An unfinished one
+(a killed job) continues with ``resume=True`` (``--resume``): the same settings are required, the
+batches whose images are all there are not rendered again, and since every file is written
+atomically and deterministically the result is byte for byte that of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -56,20 +62,41 @@ def _png(image: np.ndarray, compress_level: int) -> bytes:
     return buf.getvalue()
 
 
+def _check_resumable(path: Path, settings: dict) -> None:
+    """An unfinished folder of the same settings, or a clear error."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume: {path} is not a folder; resume continues an unfinished folder output")
+    if (path / "dataset.json").exists():
+        raise FileExistsError(f"--resume: {path} is a complete data set already (it has dataset.json)")
+    if not (path / "synthetic.json").exists():
+        raise FileExistsError(f"--resume: {path} has no synthetic.json, so its settings are unknown (written by "
+                              "an older version, or not a data set): render into a new --out")
+    found = json.loads((path / "synthetic.json").read_text())
+    if found != settings:
+        diff = {k: (found.get(k), settings.get(k)) for k in set(found) | set(settings) if found.get(k) != settings.get(k)}
+        raise ValueError(f"--resume: {path} was started with other settings (found, asked): {diff}; "
+                         "give the same options, or render into a new --out")
+
+
 @contextmanager
-def _folder_sink(path: Path):
+def _folder_sink(path: Path, settings: dict, resume: bool):
     """``add(name, data)`` into a folder, each file atomically; the caller writes dataset.json last,
     so a folder without dataset.json is an unfinished data set."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"output {path} exists and is not an empty folder; choose a new --out")
+    if resume:
+        _check_resumable(path, settings)
+    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output {path} exists and is not an empty folder; choose a new --out, or pass "
+                              "--resume to continue an unfinished one")
     path.mkdir(parents=True, exist_ok=True)
     yield lambda name, data: atomic_write(path / name, data)
 
 
 @contextmanager
-def _zip_sink(path: Path):
+def _zip_sink(path: Path, settings: dict, resume: bool):
     """``add(name, data)`` into an uncompressed zip, written to a temporary file and renamed into
     place when complete (removed on an error)."""
+    if resume:
+        raise ValueError("--resume continues folder outputs only; a zip is written whole (render it again)")
     if path.exists():
         raise FileExistsError(f"output {path} exists; choose a new --out")
     with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -91,13 +118,14 @@ def _json(obj) -> bytes:
 def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0, views: int = 1,
                   split: str = "train", zip_output: bool = False, batch: int = 64,
                   radius_jitter: float = 0.0, pivot_jitter: float = 0.0, progress: bool = True,
-                  workers: int = 0) -> Path:
+                  workers: int = 0, resume: bool = False) -> Path:
     """Render ``num`` identities x ``views`` images at ``resolution`` into ``out``; returns the path.
 
     With ``zip_output`` (or an ``out`` ending in .zip) the data set is one uncompressed zip.
     ``workers`` > 0 renders batches in that many single-threaded processes (robust on a busy
     machine, where multi-threaded torch slows down badly); 0 renders here with torch's
-    threads. Batches are the same either way, so the bytes written are too.
+    threads. Batches are the same either way, so the bytes written are too. ``resume`` continues
+    an unfinished folder written with the same settings (see the module's documentation).
     """
     if num < 1 or views < 1 or resolution < 1 or batch < 1 or workers < 0:
         raise ValueError(f"num, views, resolution and batch must be >= 1 and workers >= 0 (got {num}, "
@@ -106,7 +134,13 @@ def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0
     if zip_output and out.suffix != ".zip":
         out = out.with_name(out.name + ".zip")
     zipped = out.suffix == ".zip"
-    with (_zip_sink if zipped else _folder_sink)(out) as add:
+    settings = {"format_version": FORMAT_VERSION, "generator": "dreamportrait.synthetic",
+                "num_identities": num, "views": views, "resolution": resolution, "seed": seed,
+                "split": split, "radius_jitter": radius_jitter, "pivot_jitter": pivot_jitter, "batch": batch,
+                "heldout_combinations": [[list(p) for p in pair] for pair in HELDOUT_COMBINATIONS]}
+    with (_zip_sink if zipped else _folder_sink)(out, settings, resume) as add:
+        if not resume:
+            add("synthetic.json", _json(settings))
         identities = sample_identities(seed, num, split)
         jobs = []  # (image index, identity index, view, label, yaw, pitch)
         for j, ident in enumerate(identities):
@@ -115,19 +149,23 @@ def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0
                 jobs.append((j * views + v, j, v, labels[v], float(yaw[v]), float(pitch[v])))
         dataset, captions, attributes = [], {}, {}
         chunks = [jobs[start:start + batch] for start in range(0, len(jobs), batch)]
+        done = [resume and all((out / image_name(job[0])).is_file() for job in chunk) for chunk in chunks]
         tasks = [([identities[job[1]] for job in chunk], torch.stack([job[3] for job in chunk]), resolution)
-                 for chunk in chunks]
+                 for chunk, skip in zip(chunks, done) if not skip]
         pool = None
         if workers:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_single_thread)
         try:
-            rendered = pool.map(_render_batch, *zip(*tasks)) if pool else (_render_batch(*t) for t in tasks)
+            rendered = iter(pool.map(_render_batch, *zip(*tasks)) if pool and tasks else
+                            (_render_batch(*t) for t in tasks))
             with tqdm(total=len(jobs), unit="img", desc=f"rendering {out.name}", disable=not progress) as bar:
-                for chunk, images in zip(chunks, rendered):
+                for chunk, skip in zip(chunks, done):
+                    images = [None] * len(chunk) if skip else next(rendered)
                     for (index, j, v, label, yaw, pitch), image in zip(chunk, images):
                         name = image_name(index)
-                        add(name, _png(image, 0 if zipped else 6))
+                        if image is not None:
+                            add(name, _png(image, 0 if zipped else 6))
                         dataset.append([name, [float(x) for x in label]])
                         ident = identities[j]
                         captions[name] = make_captions(ident)
@@ -137,11 +175,6 @@ def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0
         finally:
             if pool:
                 pool.shutdown(cancel_futures=True)
-        settings = {"format_version": FORMAT_VERSION, "generator": "dreamportrait.synthetic",
-                    "num_identities": num, "views": views, "resolution": resolution, "seed": seed,
-                    "split": split, "radius_jitter": radius_jitter, "pivot_jitter": pivot_jitter,
-                    "heldout_combinations": [[list(p) for p in pair] for pair in HELDOUT_COMBINATIONS]}
-        add("synthetic.json", _json(settings))
         add("captions.json", _json(captions))
         add("attributes.json", _json(attributes))
         add("dataset.json", _json({"labels": dataset}))
