@@ -11,6 +11,7 @@ from dreamportrait.checkpoints import CheckpointError
 from dreamportrait.synthetic.attributes import ATTRIBUTES, sample_identities
 from dreamportrait.synthetic.judge import IGNORE, AttributeClassifier, JudgeConfig
 from train import evaluate as ev
+from train import evaluate_world as ew
 from world.judge_training import train_step
 
 TINY_JUDGE = dict(resolution=32, channels=(8, 8, 8), feature_dim=32)
@@ -282,3 +283,126 @@ def test_evaluate_reports_missing_components_as_skipped(tiny_world, tmp_path, mo
     assert "attribute accuracy (%)     skipped  no --judge given" in table
     with pytest.raises(ValueError, match="has 6 images"):
         ev.evaluate(str(tiny_world / "generator.safetensors"), str(tiny_world / "data"), num=7, progress=False)
+
+
+# ---- the synthetic world's prior and text-model metrics (train/evaluate_world.py) -----------------
+
+def test_total_variation_is_zero_for_identical_and_one_for_disjoint_distributions():
+    p = {"man": 0.3, "woman": 0.7}
+    assert ew.total_variation(p, dict(p)) == 0.0
+    assert ew.total_variation({"a": 0.5, "b": 0.5}, {"c": 1.0}) == 1.0
+    assert ew.total_variation({"a": 0.5, "b": 0.5}, {"a": 1.0}) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not a probability distribution"):
+        ew.total_variation({"a": 0.5}, {"a": 1.0})
+
+
+def test_normalised_entropy_is_one_for_uniform_and_zero_for_constant_readings():
+    assert ew.normalised_entropy(["red", "blue", "green", None] * 3, 3) == pytest.approx(1.0)  # None: unseen
+    assert ew.normalised_entropy(["red"] * 5, 6) == 0.0
+    assert ew.normalised_entropy(["a", "b"], 4) == pytest.approx(0.5)  # log 2 / log 4
+    with pytest.raises(ValueError, match="no seen reading"):
+        ew.normalised_entropy([None, None], 2)
+
+
+def test_expected_normalised_entropy_of_few_draws_by_hand():
+    # Two draws of a fair coin: equal (prob 1/2) -> 0, different (prob 1/2) -> 1.
+    assert ew.expected_normalised_entropy([0.5, 0.5], 2, 2) == pytest.approx(0.5)
+    assert ew.expected_normalised_entropy([1.0, 0.0, 0.0], 7, 3) == 0.0
+    many = ew.expected_normalised_entropy([0.25] * 4, 4000, 4)
+    assert 0.999 < many < 1.0  # the plug-in entropy's bias vanishes with many draws
+
+
+def test_view_agreement_of_identical_readings_is_one_and_counts_each_attribute():
+    a = [{"gender": "man", "hair_color": None}, {"gender": "woman", "hair_color": "red"}]
+    assert ew.view_agreement({"left": a, "front": [dict(r) for r in a], "right": a})["value"] == 1.0
+    b = [{"gender": "man", "hair_color": "black"}, {"gender": "woman", "hair_color": "red"}]
+    got = ew.view_agreement({"left": a, "front": a, "right": b})
+    assert got["per_attribute"] == {"gender": 1.0, "hair_color": 0.5} and got["value"] == 0.75
+    with pytest.raises(ValueError, match="at least 2 views"):
+        ew.view_agreement({"front": a})
+
+
+def test_world_distribution_is_the_samplers_exact_distribution_where_seen():
+    from dreamportrait.synthetic.attributes import attribute_distribution
+    world = attribute_distribution("train")
+    identities = [ident.attributes for ident in sample_identities(1, 1500, "train")]
+    for name in ATTRIBUTES:
+        assert sum(world[name].values()) == pytest.approx(1.0)
+        empirical = ew.frequencies(a[name] for a in identities)
+        assert ew.total_variation(world[name], empirical) < 0.06, name
+    woman = attribute_distribution("train", {"gender": "woman"})
+    assert woman["beard"]["none"] == 1.0 and woman["lips"]["red lipstick"] > 0.3
+    assert attribute_distribution("train", {"age": "young"})["hair_color"]["white"] == 0.0  # a held-out pair
+    assert attribute_distribution("all", {"age": "young"})["hair_color"]["white"] > 0.0
+    assert attribute_distribution("all", {"glasses": "sunglasses"})["eye_color"] == {}  # never seen
+    assert attribute_distribution("all", {"eye_color": "blue"})["glasses"]["sunglasses"] == 0.0
+    assert not any(attribute_distribution("train", {"age": "young", "hair_color": "white"}).values())
+
+
+def test_diversity_score_is_the_generated_over_the_worlds_entropy():
+    names = list(ATTRIBUTES)
+    mentioned = [{"gender": "man", "age": "old"}]
+    constant = [dict.fromkeys(names, None) | {"gender": "man", "age": "old", "glasses": "none"}] * 4
+    d = ew.diversity(constant, mentioned, 4, "train")
+    assert d["pairs"] == 1 and d["value"] == 0.0 and d["world"] > 0 and not d["met"]  # glasses only
+    varied = [dict(r, glasses=g) for r, g in zip(constant, ["none", "glasses", "sunglasses", "none"])]
+    d = ew.diversity(varied, mentioned, 4, "train")
+    assert d["generated"] == pytest.approx(ew.normalised_entropy(["none", "glasses", "sunglasses", "none"], 3))
+    assert d["value"] == pytest.approx(d["generated"] / d["world"])
+    bearded = [dict.fromkeys(names, None) | {"gender": "woman", "beard": b} for b in ("none", "full beard")]
+    assert "skipped" in ew.diversity(bearded, [{"gender": "woman"}], 2, "train")  # the world fixes a woman's beard
+    held = ew.diversity(varied, [{"gender": "man", "age": "young", "hair_color": "white"}], 4, "train")
+    assert held["captions_without_reference"] == 1 and "skipped" in held
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tmp_path_factory):
+    """A 32x32 tiny random plain (prior) generator."""
+    from dreamportrait.generator import TriPlaneGenerator, preset
+    path = tmp_path_factory.mktemp("prior") / "generator.safetensors"
+    torch.manual_seed(0)
+    TriPlaneGenerator(preset("tiny", sr_upsample=(False, False))).save_pretrained(path)
+    return path
+
+
+def test_prior_metrics_end_to_end_on_a_tiny_random_generator(tiny_prior, tiny_world, tmp_path, capsys):
+    import json
+    out = tmp_path / "prior.json"
+    ev.main(["prior", str(tiny_prior), "--judge", str(tiny_world / "judge.safetensors"), "--num", "3",
+             "--batch", "2", "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["kind"] == "prior" and results["seeds"] == "0..2" and results["prompt"] is None
+    tv, agree = results["metrics"]["attribute_tv"], results["metrics"]["view_agreement"]
+    assert set(tv["per_attribute"]) == set(agree["per_attribute"]) == set(ATTRIBUTES)
+    assert all(0 <= v <= 1 for v in tv["per_attribute"].values())
+    assert tv["value"] == pytest.approx(sum(tv["per_attribute"].values()) / len(ATTRIBUTES))
+    assert tv["target"] == 0.1 and tv["met"] == (tv["value"] <= 0.1)
+    assert all(0 <= v <= 100 for v in agree["per_attribute"].values()) and 0 <= agree["value"] <= 100
+    assert all(d["readings_seen"] <= 9 for d in results["distributions"].values())  # 3 samples x 3 views
+    table = (tmp_path / "prior.md").read_text()
+    assert "| attribute TV (mean) |" in table and "| hair_color |" in table
+    assert "cross-view agreement (%)" in capsys.readouterr().out
+    text_prior = ew.evaluate_prior(str(tiny_world / "generator.safetensors"), str(tiny_world / "judge.safetensors"),
+                                   num=1, progress=False)
+    assert text_prior["prompt"] == "" and 0 <= text_prior["metrics"]["attribute_tv"]["value"] <= 1
+
+
+def test_text_metrics_end_to_end_on_a_tiny_random_generator(tiny_world, tiny_prior, tmp_path):
+    import json
+    out = tmp_path / "text.json"
+    root = tiny_world
+    ev.main(["text", str(root / "generator.safetensors"), "--data", str(root / "data"), "--judge",
+             str(root / "judge.safetensors"), "--num", "2", "--diversity-captions", "2", "--diversity-seeds", "3",
+             "--batch", "3", "--device", "cpu", "--out", str(out)])
+    m = json.loads(out.read_text())["metrics"]
+    assert set(m) == {"attribute_accuracy", "heldout_attribute_accuracy", "diversity", "view_consistency"}
+    assert 0 <= m["attribute_accuracy"]["value"] <= 100 and m["attribute_accuracy"]["views"] == list(ew.WORLD_VIEWS)
+    held = m["heldout_attribute_accuracy"]
+    assert held["items"] + held["items_without_heldout_word"] == 2 and 0 <= held["value"] <= 100
+    div = m["diversity"]
+    assert div["captions"] == 2 and div["seeds"] == 3
+    assert "skipped" in div or (div["value"] >= 0 and 0 < div["world"] <= 1 and 0 <= div["generated"] <= 1)
+    assert 0 <= m["view_consistency"]["value"] <= 100
+    assert "| diversity (generated / world entropy) |" in (tmp_path / "text.md").read_text()
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        ew.evaluate_text(str(tiny_prior), str(root / "data"), str(root / "judge.safetensors"), num=2)

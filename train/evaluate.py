@@ -23,6 +23,10 @@ caption, a camera label and a random seed. From them:
   the attributes each caption mentions (unmentioned attributes do not count); per attribute and
   their mean, in percent.
 
+The synthetic world's prior metrics (attribute distribution, cross-view agreement) and text-model
+metrics (held-out-word accuracy, diversity, multi-view consistency) are subcommands,
+``python -m train.evaluate prior|text ...``: see :mod:`train.evaluate_world`.
+
 A metric whose component is missing (no judge, no CLIP, no Inception weights, a generator
 without text) is reported as skipped with the reason.
 """
@@ -139,6 +143,15 @@ def attribute_accuracy(predicted: Sequence[Mapping[str, str]],
     per = {name: hits[name] / counts[name] for name in sorted(counts)}
     return {"per_attribute": per, "counts": dict(sorted(counts.items())),
             "mean": sum(per.values()) / len(per) if per else math.nan}
+
+
+def accuracy_metric(readings: Mapping[str, Sequence[Mapping[str, str]]],
+                    mentioned: Sequence[Mapping[str, str]]) -> dict:
+    """Attribute accuracy in percent of the judge's readings (view -> one reading per item), views
+    pooled, against what each item's caption mentions."""
+    acc = attribute_accuracy([r for view in readings.values() for r in view], list(mentioned) * len(readings))
+    return {"value": 100 * acc["mean"], "unit": "percent", "views": list(readings),
+            "per_attribute": {k: 100 * v for k, v in acc["per_attribute"].items()}, "counts": acc["counts"]}
 
 
 # ---- feature extractors for FID ------------------------------------------------------------------
@@ -265,6 +278,7 @@ class EvalItems:
     captions: list[str]             # each item's fixed evaluation caption
     mentioned: list[dict] | None    # ground truth of the attributes each caption states (None: unknown)
     caption_pool: list[str]         # every evaluation caption of the data set (R-Precision distractors)
+    truths: list[dict] | None       # each item's ground-truth attributes (None: unknown)
 
 
 def mentioned_attributes(caption: str, truth: Mapping[str, str | None]) -> dict[str, str]:
@@ -281,17 +295,21 @@ def load_items(data: str, num: int, seed: int) -> EvalItems:
         raise ValueError(f"--num {num}: the data set {data} has {len(ds)} images; use 2 <= --num <= {len(ds)}")
     indices = [int(i) for i in np.random.default_rng([seed, 0]).choice(len(ds), size=num, replace=False)]
     captions = [ds.caption(i) for i in indices]
-    mentioned = None
+    mentioned = truths = None
     if ds.attributes is not None:
-        mentioned = []
-        for caption, i in zip(captions, indices):
-            truth = ds.attributes[ds.names[i]].get("attributes")
+        truths = [ds.attributes[ds.names[i]].get("attributes") for i in indices]
+        for truth, i in zip(truths, indices):
             if not isinstance(truth, dict):
                 raise ValueError(f"{data}: the attributes entry of {ds.names[i]} has no 'attributes' dict "
                                  "(the synthetic world's layout: python -m dreamportrait.synthetic)")
-            mentioned.append(mentioned_attributes(caption, truth))
+        mentioned = [mentioned_attributes(c, truth) for c, truth in zip(captions, truths)]
     return EvalItems(ds, indices, ds.labels[indices], captions, mentioned,
-                     [ds.caption(i) for i in range(len(ds))])
+                     [ds.caption(i) for i in range(len(ds))], truths)
+
+
+def item_seeds(seed: int, num: int) -> list[int]:
+    """The generator seed of each of the ``num`` items drawn with ``seed``."""
+    return [int(s) for s in np.random.default_rng([seed, 1]).integers(0, 2 ** 31 - 1, size=num)]
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -322,13 +340,17 @@ def generate_item(pipe, prompt: str, seed: int, label: torch.Tensor, psi: float,
         portrait = pipe.portrait(prompt, seed, psi, ws=ws)
         out["fid"] = _quantise(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"])
     if views:
-        portrait = pipe.portrait(prompt, seed, psi)
-        for name, yaw in VIEWS.items():
-            out[name] = _quantise(pipe.render(portrait, yaw, 0.0)["image"])
+        out.update(render_views(pipe, pipe.portrait(prompt, seed, psi), VIEWS))
     return out
 
 
-def _chunks(n: int, size: int):
+@torch.no_grad()
+def render_views(pipe, portrait, views: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """The portrait from each yaw of ``views`` (name -> degrees; pitch 0), on the uint8 grid."""
+    return {name: _quantise(pipe.render(portrait, yaw, 0.0)["image"]) for name, yaw in views.items()}
+
+
+def chunks(n: int, size: int):
     return (range(i, min(i + size, n)) for i in range(0, n, size))
 
 
@@ -356,7 +378,7 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None,
     if isinstance(clip, torch.nn.Module):
         clip = Clip(clip)
     clip_model = clip if isinstance(clip, Clip) or clip is None else load_clip(clip, device)
-    seeds = np.random.default_rng([seed, 1]).integers(0, 2 ** 31 - 1, size=num)
+    seeds = item_seeds(seed, num)
     metrics: dict[str, dict] = {}
 
     extractor = None
@@ -382,8 +404,8 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None,
     real_features, fake_features = [], []
     embeddings = {v: [] for v in VIEWS}
     readings = {v: [] for v in VIEWS}
-    for chunk in tqdm(list(_chunks(num, batch)), desc="evaluating", unit="batch", disable=not progress):
-        outs = [generate_item(pipe, items.captions[i], int(seeds[i]), items.labels[i], psi,
+    for chunk in tqdm(list(chunks(num, batch)), desc="evaluating", unit="batch", disable=not progress):
+        outs = [generate_item(pipe, items.captions[i], seeds[i], items.labels[i], psi,
                               fid=extractor is not None, views=use_clip or use_judge) for i in chunk]
         images = {name: torch.cat([o[name] for o in outs]) for name in outs[0]}
         if extractor is not None:
@@ -406,10 +428,7 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None,
     else:
         metrics["clip_r_precision"] = metrics["msc"] = {"skipped": reasons["clip"]}
     if use_judge:
-        acc = attribute_accuracy([r for v in VIEWS for r in readings[v]], items.mentioned * len(VIEWS))
-        metrics["attribute_accuracy"] = {
-            "value": 100 * acc["mean"], "unit": "percent", "views": list(VIEWS),
-            "per_attribute": {k: 100 * v for k, v in acc["per_attribute"].items()}, "counts": acc["counts"]}
+        metrics["attribute_accuracy"] = accuracy_metric(readings, items.mentioned)
     else:
         metrics["attribute_accuracy"] = {"skipped": reasons["judge"]}
 
@@ -475,7 +494,13 @@ def write_json(results: dict, path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["prior"], ["text"]):
+        from train.evaluate_world import main as world_main
+        return world_main(argv)
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
+                                epilog="The synthetic world's prior and text-model metrics: "
+                                       "`python -m train.evaluate prior --help`, `... text --help`.")
     p.add_argument("checkpoint", help="generator.safetensors (or its folder)")
     p.add_argument("--data", required=True, help="EG3D-layout data set (folder or .zip) with captions.json")
     p.add_argument("--judge", help="attribute classifier .safetensors (attribute accuracy; FID features "

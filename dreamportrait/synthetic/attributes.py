@@ -8,6 +8,7 @@ never mention.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,11 +51,26 @@ _HAIR_STYLE = {"man": (0.17, 0.45, 0.1, 0.1, 0.18), "woman": (0.06, 0.2, 0.32, 0
 _HAIR_COLOR = {"young": (0.24, 0.24, 0.19, 0.15, 0.08, 0.1),
                "middle-aged": (0.2, 0.2, 0.15, 0.12, 0.18, 0.15),
                "old": (0.08, 0.08, 0.06, 0.06, 0.36, 0.36)}
+_EYEBROW_THICKNESS = {"man": (0.6, 0.4), "woman": (0.4, 0.6)}
 _BEARD = {"man": (0.45, 0.25, 0.3), "woman": (1.0, 0.0, 0.0)}
 _LIPS = {"man": (1.0, 0.0), "woman": (0.55, 0.45)}
 _EARRINGS = {"man": (0.8, 0.2), "woman": (0.45, 0.55)}
 _AGE = (0.4, 0.33, 0.27)
 _GLASSES = (0.45, 0.3, 0.25)
+
+# How each attribute is drawn, in draw order: (name, the attribute it depends on, probabilities:
+# None = uniform, a tuple, or {value of that attribute: tuple}).
+_DRAWS = (("gender", None, None), ("age", None, _AGE), ("face_shape", None, None), ("chin", None, None),
+          ("skin_tone", None, None), ("hair_style", "gender", _HAIR_STYLE), ("hair_color", "age", _HAIR_COLOR),
+          ("eyebrow_thickness", "gender", _EYEBROW_THICKNESS), ("eyebrow_shape", None, None),
+          ("eye_size", None, None), ("eye_color", None, None), ("nose", None, None), ("mouth", None, None),
+          ("lips", "gender", _LIPS), ("beard", "gender", _BEARD), ("glasses", None, _GLASSES),
+          ("earrings", "gender", _EARRINGS), ("clothing", None, None), ("background", None, None))
+
+# What hides what: these attributes cannot be seen (are None) while another has this value.
+HIDDEN_BY: dict[tuple[str, str], tuple[str, ...]] = {
+    ("hair_style", "bald"): ("hair_color",), ("glasses", "sunglasses"): ("eye_size", "eye_color"),
+    ("beard", "full beard"): ("chin",)}
 
 
 @dataclass(frozen=True)
@@ -76,33 +92,80 @@ def _choice(rng: np.random.Generator, name: str, probs=None) -> str:
 
 def sample_attributes(rng: np.random.Generator) -> dict:
     """Draw one identity's attributes (realistic dependencies: beards on men, greying with age)."""
-    a = {"gender": _choice(rng, "gender")}
-    g = a["gender"]
-    a["age"] = _choice(rng, "age", _AGE)
-    a["face_shape"] = _choice(rng, "face_shape")
-    a["chin"] = _choice(rng, "chin")
-    a["skin_tone"] = _choice(rng, "skin_tone")
-    a["hair_style"] = _choice(rng, "hair_style", _HAIR_STYLE[g])
-    a["hair_color"] = _choice(rng, "hair_color", _HAIR_COLOR[a["age"]])
-    a["eyebrow_thickness"] = _choice(rng, "eyebrow_thickness", (0.6, 0.4) if g == "man" else (0.4, 0.6))
-    a["eyebrow_shape"] = _choice(rng, "eyebrow_shape")
-    a["eye_size"] = _choice(rng, "eye_size")
-    a["eye_color"] = _choice(rng, "eye_color")
-    a["nose"] = _choice(rng, "nose")
-    a["mouth"] = _choice(rng, "mouth")
-    a["lips"] = _choice(rng, "lips", _LIPS[g])
-    a["beard"] = _choice(rng, "beard", _BEARD[g])
-    a["glasses"] = _choice(rng, "glasses", _GLASSES)
-    a["earrings"] = _choice(rng, "earrings", _EARRINGS[g])
-    a["clothing"] = _choice(rng, "clothing")
-    a["background"] = _choice(rng, "background")
-    if a["hair_style"] == "bald":
-        a["hair_color"] = None
-    if a["glasses"] == "sunglasses":
-        a["eye_size"] = a["eye_color"] = None
-    if a["beard"] == "full beard":
-        a["chin"] = None
-    return a
+    a: dict = {}
+    for name, parent, probs in _DRAWS:
+        a[name] = _choice(rng, name, probs[a[parent]] if parent else probs)
+    return hide_invisible(a)
+
+
+def hide_invisible(attributes: dict) -> dict:
+    """Set what the other attributes hide (:data:`HIDDEN_BY`) to None, in place; returns the dict."""
+    for (name, value), hidden in HIDDEN_BY.items():
+        if attributes.get(name) == value:
+            attributes.update(dict.fromkeys(hidden))
+    return attributes
+
+
+@functools.lru_cache(maxsize=None)
+def _coupled_joint(split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Exact joint of the attributes that depend on others, hide others or form held-out pairs:
+    (their names, every combination of value indices (rows, names) with -1 where hidden, the
+    probability of each row for an identity of ``split``). The other attributes are independent."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    linked = {p for _, p, _ in _DRAWS if p} | {n for pair in HELDOUT_COMBINATIONS for n, _ in pair}
+    linked |= {n for (hider, _), hidden in HIDDEN_BY.items() for n in (hider, *hidden)}
+    names = [n for n, parent, _ in _DRAWS if parent or n in linked]
+    col = {n: i for i, n in enumerate(names)}
+    grid = np.stack(np.meshgrid(*[np.arange(len(ATTRIBUTES[n])) for n in names], indexing="ij"), -1)
+    grid = grid.reshape(-1, len(names)).astype(np.int8)
+    prob = np.ones(len(grid))
+    for name, parent, probs in _DRAWS:
+        if name in col:
+            size = len(ATTRIBUTES[name])
+            table = (np.array([probs[v] for v in ATTRIBUTES[parent]]) if parent else
+                     np.array([probs if probs is not None else np.full(size, 1 / size)]))
+            prob *= table[grid[:, col[parent]] if parent else 0, grid[:, col[name]]]
+    shown = grid.copy()
+    for (hider, value), hidden in HIDDEN_BY.items():
+        shown[np.ix_(grid[:, col[hider]] == ATTRIBUTES[hider].index(value), [col[n] for n in hidden])] = -1
+    if split != "all":
+        held = np.zeros(len(grid), dtype=bool)
+        for pair in HELDOUT_COMBINATIONS:
+            held |= np.logical_and.reduce([shown[:, col[n]] == ATTRIBUTES[n].index(v) for n, v in pair])
+        prob = np.where(held == (split == "heldout"), prob, 0.0)
+    return names, shown, prob / prob.sum()
+
+
+def attribute_distribution(split: str = "train", given: dict | None = None) -> dict[str, dict[str, float]]:
+    """Exact probability of each attribute's values for an identity of ``split`` (as
+    :func:`sample_identities` draws them), among the identities where the attribute can be seen and
+    that have the values ``given`` ({name: value}); {} for an attribute never seen there (for every
+    attribute when no identity of ``split`` has ``given``)."""
+    names, shown, prob = _coupled_joint(split)
+    col = {n: i for i, n in enumerate(names)}
+    given = dict(given or {})
+    for name, value in given.items():
+        if value not in ATTRIBUTES.get(name, ()):
+            raise ValueError(f"given {name}={value!r} is not a value of the world's attributes "
+                             f"({ATTRIBUTES.get(name, sorted(ATTRIBUTES))})")
+        if name in col:
+            prob = prob * (shown[:, col[name]] == ATTRIBUTES[name].index(value))
+    if prob.sum() == 0:
+        return {name: {} for name in ATTRIBUTES}
+    out = {}
+    for name, _, probs in _DRAWS:
+        size = len(ATTRIBUTES[name])
+        if name in col:
+            c = shown[:, col[name]]
+            mass = np.bincount(c[c >= 0], weights=prob[c >= 0], minlength=size)
+        elif name in given:
+            mass = np.eye(size)[ATTRIBUTES[name].index(given[name])]
+        else:
+            mass = np.asarray(probs if probs is not None else np.ones(size), dtype=np.float64)
+        total = mass.sum()
+        out[name] = {} if total == 0 else {v: float(m / total) for v, m in zip(ATTRIBUTES[name], mass)}
+    return out
 
 
 def heldout_pairs(attributes: dict) -> list[tuple[tuple[str, str], tuple[str, str]]]:
