@@ -141,3 +141,21 @@ def test_evaluation_reports_every_attribute_at_every_view(reference_run, tmp_pat
     table = capsys.readouterr().out
     assert table.startswith("| attribute | frontal | yaw -30 | yaw +30 |")
     assert all(f"| {name} |" in table for name in ATTRIBUTES)
+
+
+def test_misses_sheet_shows_one_row_per_missed_attribute_and_nothing_when_all_are_right():
+    images = torch.linspace(-1, 1, 3 * 3 * 16 * 16).reshape(3, 3, 16, 16)
+    truth = [{"gender": "man", "age": "young", "hair_color": None},
+             {"gender": "woman", "age": "old", "hair_color": "red"},
+             {"gender": "man", "age": "old", "hair_color": "black"}]
+    assert jt.misses_sheet(images, truth, [dict(t, hair_color=t["hair_color"] or "red") for t in truth]) is None
+    readings = [dict(t) for t in truth]
+    readings[0].update(gender="woman", hair_color="red")  # hair colour unseen there: not a miss
+    readings[1].update(gender="man")
+    readings[2].update(age="young")
+    sheet = jt.misses_sheet(images, truth, readings, per_row=4)
+    assert sheet.shape == (2 * (16 + 22), 110 + 4 * 16, 3)  # rows: age, gender
+    gender_row = sheet[16 + 22:2 * 16 + 22, 110:110 + 2 * 16]
+    assert np.array_equal(gender_row[:, :16], jt.to_uint8(images[:1])[0])
+    assert np.array_equal(gender_row[:, 16:], jt.to_uint8(images[1:2])[0])
+    assert (sheet[16 + 22:2 * 16 + 22, 110 + 2 * 16:] == 255).all()  # only two gender misses

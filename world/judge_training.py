@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import CheckpointError
-from dreamportrait.grid import to_uint8
+from dreamportrait.grid import save_png, to_uint8
 from dreamportrait.synthetic.attributes import heldout_pairs, sample_identities
 from dreamportrait.synthetic.judge import AttributeClassifier, JudgeConfig
 from dreamportrait.synthetic.render import HeadBatch, render
@@ -115,17 +115,50 @@ def learning_rate(cfg: Mapping, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def judge_accuracy(judge: AttributeClassifier, images: torch.Tensor, attributes: Sequence[Mapping],
-                   batch: int = 256) -> dict:
-    """Per-attribute accuracy over the images where the attribute is visible (float images in [-1, 1])."""
+def judge_readings(judge: AttributeClassifier, images: torch.Tensor, batch: int = 256) -> list[dict[str, str]]:
+    """The judge's reading of every attribute of each image (float images in [-1, 1])."""
     was_training = judge.training
     judge.eval()
     predicted = []
     for start in range(0, len(images), batch):
         predicted += judge.decode(judge.predict(images[start:start + batch]))
     judge.train(was_training)
+    return predicted
+
+
+def judge_accuracy(judge: AttributeClassifier, images: torch.Tensor, attributes: Sequence[Mapping],
+                   batch: int = 256) -> dict:
+    """Per-attribute accuracy over the images where the attribute is visible (float images in [-1, 1])."""
     visible = [{k: v for k, v in attrs.items() if v is not None} for attrs in attributes]
-    return attribute_accuracy(predicted, visible)
+    return attribute_accuracy(judge_readings(judge, images, batch), visible)
+
+
+def misses_sheet(images: torch.Tensor, attributes: Sequence[Mapping], readings: Sequence[Mapping],
+                 per_row: int = 8) -> np.ndarray | None:
+    """A contact sheet of the judge's misses: one row per attribute with any (the attribute's name,
+    then up to ``per_row`` missed images, each captioned with the true value over the reading);
+    None when there is no miss."""
+    from PIL import Image, ImageDraw
+    rows = {}
+    for i, (truth, read) in enumerate(zip(attributes, readings)):
+        for name, value in truth.items():
+            if value is not None and read[name] != value and len(rows.setdefault(name, [])) < per_row:
+                rows[name].append((i, value, read[name]))
+    if not rows:
+        return None
+    size, label, text = images.shape[-1], 110, 22
+    sheet = Image.new("RGB", (label + per_row * size, len(rows) * (size + text)), "white")
+    draw = ImageDraw.Draw(sheet)
+    pixels = to_uint8(images)
+    for r, (name, misses) in enumerate(sorted(rows.items())):
+        top = r * (size + text)
+        draw.text((4, top + size // 2 - 6), name, fill="black")
+        for k, (i, value, read) in enumerate(misses):
+            left = label + k * size
+            sheet.paste(Image.fromarray(pixels[i]), (left, top))
+            draw.text((left + 1, top + size), value[:11], fill=(0, 110, 0))
+            draw.text((left + 1, top + size + 10), read[:11], fill=(170, 0, 0))
+    return np.asarray(sheet)
 
 
 def train_judge(data: str, run_dir: str | Path, kimg: float, resume: bool = False, export: str | None = None,
@@ -208,8 +241,9 @@ def render_views(identities, views: Mapping[str, tuple[float, float]], resolutio
 
 def evaluate_judge(judge: AttributeClassifier | str, num: int = 300, seed: int = 3, split: str = "all",
                    resolution: int = 64, views: Mapping[str, tuple[float, float]] = VIEWS,
-                   progress: bool = True) -> dict:
-    """Accuracy per view and attribute on ``num`` new identities of ``seed`` (and on those with held-out pairs)."""
+                   progress: bool = True, misses: str | Path | None = None) -> dict:
+    """Accuracy per view and attribute on ``num`` new identities of ``seed`` (and on those with held-out
+    pairs). ``misses``: write the frontal view's misses there as a PNG contact sheet (:func:`misses_sheet`)."""
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     path = None
@@ -224,6 +258,10 @@ def evaluate_judge(judge: AttributeClassifier | str, num: int = 300, seed: int =
                "per_view": {}, "heldout_combinations": {"num": len(combo), "per_view": {}}}
     for name, imgs in images.items():
         results["per_view"][name] = judge_accuracy(judge, imgs, attrs)
+        if misses and name == "frontal":
+            sheet = misses_sheet(imgs, attrs, judge_readings(judge, imgs))
+            if sheet is not None:
+                save_png(sheet, misses)
         if combo:
             results["heldout_combinations"]["per_view"][name] = judge_accuracy(
                 judge, imgs[combo], [attrs[i] for i in combo])
@@ -281,9 +319,12 @@ def _evaluate_main(argv) -> int:
     ap.add_argument("--split", default="all", choices=("train", "heldout", "all"),
                     help="identities without / with held-out attribute pairs, or all (default)")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--misses", help="write a PNG contact sheet of the frontal view's misses here (true value in "
+                    "green over the judge's reading in red; none written when there is no miss)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    results = evaluate_judge(args.judge, args.num, args.seed, args.split, progress=not args.no_progress)
+    results = evaluate_judge(args.judge, args.num, args.seed, args.split, progress=not args.no_progress,
+                             misses=args.misses)
     if args.out:
         write_json(results, args.out)
     print(markdown_table(results))
