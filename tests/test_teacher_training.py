@@ -155,6 +155,33 @@ def test_exported_teacher_round_trips_and_runs_a_guided_step(data, encoder, vae_
         export_teacher(unet, vae, encoder, tmp_path / "other")
 
 
+def test_evaluation_reads_teacher_samples_on_data_set_and_heldout_word_captions(data, encoder, vae_folder, tmp_path):
+    from dreamportrait.synthetic.captions import HELDOUT_WORDS
+    from dreamportrait.synthetic.dataset_writer import write_dataset
+    from dreamportrait.synthetic.judge import AttributeClassifier, JudgeConfig
+    from train.teacher import DiffusionTeacher
+    from world.teacher_training import evaluate_teacher, format_table
+    vae = load_vae(vae_folder)
+    unet = train_unet(data, vae, encoder, tmp_path / "run", 0.004, UNET_CFG, **QUIET)
+    teacher = DiffusionTeacher.from_pretrained(export_teacher(unet, vae, encoder, tmp_path / "teacher"))
+    world = write_dataset(tmp_path / "world", num=6, resolution=16, seed=3, progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        judge = AttributeClassifier(JudgeConfig(resolution=16, channels=(8, 8), norm_groups=4)).eval()
+    results = evaluate_teacher(teacher, judge, [str(world)], [1.0, 3.0], num=6, steps=2, batch=4, progress=False)
+    entry = results["sets"][str(world)]
+    assert set(entry["guidance"]) == {"1.0", "3.0"}
+    words = entry["heldout_words"]
+    assert 1 <= words["num"] <= 6 and set(words["guidance"]) == {"1.0", "3.0"}
+    assert set(words["example"].lower().replace(".", "").replace(",", "").split()) & set(HELDOUT_WORDS)
+    for acc in list(entry["guidance"].values()) + list(words["guidance"].values()):
+        assert 0.0 <= acc["mean"] <= 1.0 and acc["per_attribute"]
+    # both caption sets mention attributes; the held-out-word one only the items that have a paraphrase
+    assert sum(entry["guidance"]["1.0"]["counts"].values()) > 0
+    assert sum(words["guidance"]["1.0"]["counts"].values()) > 0
+    assert f"{words['num']} captions in held-out words" in format_table(results)
+
+
 def test_caption_dropout_is_ten_percent():
     rng = np.random.default_rng(0)
     captions = [f"caption {i}" for i in range(20000)]

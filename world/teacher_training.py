@@ -545,34 +545,47 @@ def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Seque
 
     For ``num`` seeded held-out items of each data set, one image per caption (its evaluation
     caption, seed = item index) at every guidance scale; accuracy over the attributes each
-    caption mentions. Plus, on those items' real images, the VAE's reconstruction error and the
-    judge's accuracy (the ceiling of the teacher's).
+    caption mentions. The same for a second caption of every item that has a value with a held-out
+    paraphrase, written in held-out words (``heldout_words``: words the teacher never read in
+    training, :func:`train.evaluate_world.heldout_captions`). Plus, on those items' real images,
+    the VAE's reconstruction error and the judge's accuracy (the ceiling of the teacher's).
     """
     from train.evaluate import attribute_accuracy, load_items
+    from train.evaluate_world import heldout_captions
     unet, empty = teacher.unet, teacher.uncond_embedding()
+
+    def accuracy(captions, seeds, mentioned, guidance, desc):
+        t0, predicted = time.time(), []
+        chunks = range(0, len(captions), batch)
+        if progress:
+            from tqdm import tqdm
+            chunks = tqdm(chunks, desc=desc, unit="batch")
+        for start in chunks:
+            noise = seed_noise(seeds[start:start + batch], unet.config.in_channels, unet.config.sample_size)
+            prompts = captions[start:start + batch]
+            images = denoise(unet, teacher.vae, teacher.encode_prompts(prompts), empty, noise, guidance, steps)
+            predicted += judge.decode(judge.predict(images))
+        return dict(attribute_accuracy(predicted, mentioned), seconds=round(time.time() - t0, 1))
+
     results = {"steps": steps, "num": num, "sets": {}}
     for path in data_paths:
         items = load_items(path, num, seed)
         if items.mentioned is None:
             raise TeacherTrainingError(f"{path} has no attributes.json; evaluation needs a synthetic-world data set")
         real = torch.stack([items.dataset[i]["image"] for i in items.indices])
+        paraphrased = heldout_captions(items, seed)
         entry = {"reconstruction": reconstruction_error(teacher.vae, real), "guidance": {},
+                 "heldout_words": {"num": len(paraphrased), "example": paraphrased[0][1] if paraphrased else None,
+                                   "guidance": {}},
                  "real": attribute_accuracy(judge.decode(judge.predict(real)), items.mentioned)}
         for guidance in guidances:
-            t0, predicted = time.time(), []
-            chunks = range(0, num, batch)
-            if progress:
-                from tqdm import tqdm
-                chunks = tqdm(chunks, desc=f"{Path(path).name} guidance {guidance}", unit="batch")
-            for start in chunks:
-                captions = items.captions[start:start + batch]
-                noise = seed_noise(range(start, start + len(captions)), unet.config.in_channels,
-                                   unet.config.sample_size)
-                images = denoise(unet, teacher.vae, teacher.encode_prompts(captions), empty, noise, guidance, steps)
-                predicted += judge.decode(judge.predict(images))
-            accuracy = attribute_accuracy(predicted, items.mentioned)
-            accuracy["seconds"] = round(time.time() - t0, 1)
-            entry["guidance"][str(guidance)] = accuracy
+            entry["guidance"][str(guidance)] = accuracy(
+                items.captions, list(range(len(items.captions))), items.mentioned, guidance,
+                f"{Path(path).name} guidance {guidance}")
+            if paraphrased:
+                entry["heldout_words"]["guidance"][str(guidance)] = accuracy(
+                    [c for _, c, _ in paraphrased], [k for k, _, _ in paraphrased], [m for _, _, m in paraphrased],
+                    guidance, f"{Path(path).name} held-out words, guidance {guidance}")
         results["sets"][path] = entry
     return results
 
@@ -593,6 +606,10 @@ def format_table(results: dict) -> str:
             count = entry["real"]["counts"][name]
             cells = [f"{100 * acc['per_attribute'][name]:.1f}" for acc in [entry["real"]] + list(entry["guidance"].values())]
             lines.append(f"| {name} ({count}) | " + " | ".join(cells) + " |")
+        words = entry.get("heldout_words", {})
+        if words.get("guidance"):
+            lines.append(f"| **mean, {words['num']} captions in held-out words** | | " + " | ".join(
+                f"**{100 * words['guidance'][g]['mean']:.1f}**" for g in scales) + " |")
         lines.append("")
     return "\n".join(lines)
 
