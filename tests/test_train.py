@@ -67,15 +67,16 @@ def test_every_loss_term_reaches_exactly_its_parameters(world):
                 p.normal_()
     teacher = DiffusionTeacher.from_pretrained(teacher)
     sds = DistributionSDS(teacher, cfg.sds)
-    batch = BatchSampler(open_data(data), G.config.z_dim, seed=0).next_batch(4, "cpu")
-    cond = {"text": enc(batch.gen_captions)}
+    sampler = BatchSampler(open_data(data), G.config.z_dim, seed=0)
+    reals, fakes = sampler.next_reals(4, "cpu"), sampler.next_fakes(4, "cpu")
+    cond = {"text": enc(fakes.captions)}
 
     def run(phase, module, gan_weight=1.0, guidance=None):
         G.zero_grad(set_to_none=True)
         D.zero_grad(set_to_none=True)
         G.requires_grad_(module == "G")
         D.requires_grad_(module == "D")
-        loss, _ = phase_loss(phase, batch, cond, GANLoss(G, D, cfg.gan), guidance, gan_weight, 0)
+        loss, _ = phase_loss(phase, reals, fakes, cond, GANLoss(G, D, cfg.gan), guidance, gan_weight, 0)
         loss.backward()
         return grads(G), grads(D)
 
@@ -96,6 +97,52 @@ def test_every_loss_term_reaches_exactly_its_parameters(world):
     # Never the teacher, never the frozen text encoder.
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(p.grad is None and not p.requires_grad for p in enc.parameters())
+
+
+def test_each_phase_generates_its_own_fakes_and_shares_the_steps_reals(world, tmp_path, monkeypatch):
+    """EG3D's schedule: within one step (two micro-batches), G main, G reg and D main each generate
+    from their own z, cameras and captions, fresh per micro-batch, so D main never judges the
+    samples G main has just optimised; D main and D R1 see the same reals, one draw per micro-batch."""
+    from train.loop import train
+    root, data, _ = world
+    seen = {"Gmain": [], "Greg": [], "Dmain": [], "Dmain reals": [], "Dreg reals": []}
+    fakes, density_loss = GANLoss.fakes, GANLoss.density_loss
+    discriminator_loss, r1_loss = GANLoss.discriminator_loss, GANLoss.r1_loss
+
+    def draw(z, c, cond):
+        return z.clone(), c.clone(), cond["text"].eot.clone()  # the captions' EOT features
+
+    def recording_fakes(self, z, c, cond, cur_nimg, update_emas=False):
+        if not update_emas:  # D main's fakes are recorded by discriminator_loss
+            seen["Gmain"].append(draw(z, c, cond))
+        return fakes(self, z, c, cond, cur_nimg, update_emas=update_emas)
+
+    def recording_density_loss(self, z, c, cond, cur_nimg):
+        seen["Greg"].append(draw(z, c, cond))
+        return density_loss(self, z, c, cond, cur_nimg)
+
+    def recording_discriminator_loss(self, z, c, cond, real_img, real_c, cur_nimg):
+        seen["Dmain"].append(draw(z, c, cond))
+        seen["Dmain reals"].append((real_img.clone(), real_c.clone()))
+        return discriminator_loss(self, z, c, cond, real_img, real_c, cur_nimg)
+
+    def recording_r1_loss(self, real_img, real_c, cur_nimg):
+        seen["Dreg reals"].append((real_img.clone(), real_c.clone()))
+        return r1_loss(self, real_img, real_c, cur_nimg)
+
+    for name, f in (("fakes", recording_fakes), ("density_loss", recording_density_loss),
+                    ("discriminator_loss", recording_discriminator_loss), ("r1_loss", recording_r1_loss)):
+        monkeypatch.setattr(GANLoss, name, f)
+    train(config(data, "stage1.kimg=0.004", "stage1.init=null", "stage1.grad_accum=2"), "stage1", tmp_path / "run",
+          progress=False)  # one step of every phase: batch 4 = 2 micro-batches of 2
+    assert {k: len(v) for k, v in seen.items()} == {k: 2 for k in seen}
+    draws = [d for phase in ("Gmain", "Greg", "Dmain") for d in seen[phase]]
+    assert torch.cat([z for z, _, _ in draws]).unique(dim=0).shape[0] == 12  # every phase, every micro-batch
+    for (_, c_g, text_g), (_, c_d, text_d) in zip(seen["Gmain"], seen["Dmain"]):
+        assert not torch.equal(c_g, c_d) and not torch.equal(text_g, text_d)  # cameras and captions too
+    for (img_d, c_d), (img_r, c_r) in zip(seen["Dmain reals"], seen["Dreg reals"]):
+        assert torch.equal(img_d, img_r) and torch.equal(c_d, c_r)
+    assert not torch.equal(seen["Dmain reals"][0][0], seen["Dmain reals"][1][0])  # each micro-batch its reals
 
 
 def weights_digest(module) -> str:

@@ -1,11 +1,15 @@
 """The training loop of every stage, top to bottom.
 
-Each optimiser step draws ``grad_accum`` micro-batches and runs EG3D's phases on them: G main
-(the generator's objective ``gan_weight * GAN + guidance``; the guidance is distribution SDS in
-stage 2, none before), G density regularisation every ``g_reg_interval`` steps, D main, D R1
-every ``d_reg_interval`` steps, with lazy-regularisation learning-rate/beta adjustment and
-gradient averaging across ranks; then the generator's EMA. The run folder (:class:`RunFiles`)
-logs every step and checkpoints atomically, so ``resume=True`` continues exactly.
+Each optimiser step runs EG3D's phases: G main (the generator's objective ``gan_weight * GAN +
+guidance``; the guidance is distribution SDS in stage 2, none before), G density regularisation
+every ``g_reg_interval`` steps, D main, D R1 every ``d_reg_interval`` steps, with
+lazy-regularisation learning-rate/beta adjustment and gradient averaging across ranks; then the
+generator's EMA. Draws follow EG3D's schedule: per step, one micro-batch of reals for each of the
+``grad_accum`` micro-batches, shared by all phases; per phase that generates (G main, G reg,
+D main), fresh fakes (z, camera, caption) for each micro-batch and their captions' text
+condition, so D main never judges the samples G main has just optimised. The run folder
+(:class:`RunFiles`) logs every step and checkpoints atomically, so ``resume=True`` continues
+exactly.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from train.gan_loss import GANLoss
 from train.guidance import Guidance
 from train.models import build_models, export
 from train.run_files import RunFiles
-from train.sampling import Batch, BatchSampler, open_data
+from train.sampling import BatchSampler, Fakes, Reals, open_data
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Phase:
     name: str            # 'Gmain', 'Greg', 'Dmain' or 'Dreg'
     module: str          # 'G' or 'D'
     interval: int
+    generates: bool      # draws fresh fakes for each micro-batch (all but R1, which sees reals only)
 
 
 def make_optimizer(params, lr: float, betas, eps: float, reg_interval: int) -> torch.optim.Adam:
@@ -53,13 +58,13 @@ def make_optimizer(params, lr: float, betas, eps: float, reg_interval: int) -> t
     return torch.optim.Adam(params, lr=lr * ratio, betas=tuple(b ** ratio for b in betas), eps=eps)
 
 
-def phase_loss(phase: str, b: Batch, cond: dict, gan: GANLoss, guidance: Guidance | None, gan_weight: float,
-               cur_nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """One phase's loss on one micro-batch, and the scalars to log."""
+def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
+               gan_weight: float, cur_nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One phase's loss on one micro-batch (``cond``: the fakes' text condition), and the scalars to log."""
     if phase == "Gmain":
-        fake = gan.fakes(b.gen_z, b.gen_c, cond, cur_nimg)
-        gan_loss = gan.generator_loss(fake, b.gen_c, cur_nimg)
-        guided = guidance(b.gen_captions, fake["image"]) if guidance is not None else None
+        img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
+        gan_loss = gan.generator_loss(img, fakes.c, cur_nimg)
+        guided = guidance(fakes.captions, img["image"]) if guidance is not None else None
         loss = gan_weight * gan_loss + (guided.loss if guided is not None else 0.0)
         stats = {"loss/G": gan_loss.item()}
         if guided is not None:
@@ -67,12 +72,12 @@ def phase_loss(phase: str, b: Batch, cond: dict, gan: GANLoss, guidance: Guidanc
             stats.update({f"{guidance.name}/{k}": float(v) for k, v in guided.stats.items()})
         return loss, stats
     if phase == "Greg":
-        loss = gan.density_loss(b.gen_z, b.gen_c, cond, cur_nimg)
+        loss = gan.density_loss(fakes.z, fakes.c, cond, cur_nimg)
         return loss, {"loss/density_reg": loss.item()}
     if phase == "Dmain":
-        return gan.discriminator_loss(b.gen_z, b.gen_c, cond, b.real_img, b.real_c, cur_nimg)
+        return gan.discriminator_loss(fakes.z, fakes.c, cond, reals.img, reals.c, cur_nimg)
     if phase == "Dreg":
-        return gan.r1_loss(b.real_img, b.real_c, cur_nimg)
+        return gan.r1_loss(reals.img, reals.c, cur_nimg)
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -129,9 +134,10 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
     opt_D = make_optimizer(D_params, o.d_lr, o.betas, o.eps, o.d_reg_interval) if D_params else None
     phases = []
     if opt_G:
-        phases += [Phase("Gmain", "G", 1)] + ([Phase("Greg", "G", o.g_reg_interval)] if cfg.gan.density_reg > 0 else [])
+        phases += [Phase("Gmain", "G", 1, generates=True)]
+        phases += [Phase("Greg", "G", o.g_reg_interval, generates=True)] if cfg.gan.density_reg > 0 else []
     if opt_D:
-        phases += [Phase("Dmain", "D", 1), Phase("Dreg", "D", o.d_reg_interval)]
+        phases += [Phase("Dmain", "D", 1, generates=True), Phase("Dreg", "D", o.d_reg_interval, generates=False)]
     precision = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
 
     # The run folder: a resumed run gets its weights, optimisers, sampler and RNG states back.
@@ -152,14 +158,18 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
         if run.is_main:
             export(run_dir, G_ema, D, text_encoder, cfg, stage, run.nimg, models.init_kimg_total)
 
+    def text_condition(fakes: Fakes | None) -> dict:  # of the fakes' captions; the text encoder is frozen
+        if text_encoder is None or fakes is None:
+            return {}
+        with torch.no_grad():
+            return {"text": text_encoder(fakes.captions).to(info.device)}
+
     def due(every_kimg: float, before: int) -> bool:
         every = max(int(every_kimg * 1000), 1)
         return run.nimg // every > before // every or run.done
 
     while not run.done:
-        batches = [sampler.next_batch(micro, info.device) for _ in range(st.grad_accum)]
-        with torch.no_grad():
-            conds = [{"text": text_encoder(b.gen_captions).to(info.device)} if text_encoder else {} for b in batches]
+        reals = [sampler.next_reals(micro, info.device) for _ in range(st.grad_accum)]  # shared by all phases
         stats = {}
         for phase in phases:
             if run.steps % phase.interval != 0:
@@ -170,12 +180,14 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
             for p in D_params:
                 p.requires_grad_(phase.module == "D")
             opt.zero_grad(set_to_none=True)
-            for b, cond in zip(batches, conds):
+            for real in reals:
+                fakes = sampler.next_fakes(micro, info.device) if phase.generates else None  # this phase's own
+                cond = text_condition(fakes)
                 with precision():
-                    loss, s = phase_loss(phase.name, b, cond, gan, guidance, st.gan_weight, run.nimg)
-                (loss * (phase.interval / len(batches))).backward()
+                    loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg)
+                (loss * (phase.interval / len(reals))).backward()
                 for k, v in s.items():
-                    stats[k] = stats.get(k, 0.0) + v / len(batches)
+                    stats[k] = stats.get(k, 0.0) + v / len(reals)
             for p in params:
                 if p.grad is not None:
                     torch.nan_to_num_(p.grad, nan=0, posinf=1e5, neginf=-1e5)

@@ -1,6 +1,10 @@
-"""Training batches: reals from this rank's shard of the data set, and the fakes' latent codes,
-cameras and captions. Every random draw of a batch comes from the sampler's own generators,
-which its state dict holds, so a resumed run draws the same batches as an uninterrupted one.
+"""Training batches, drawn on EG3D's schedule: every optimiser step draws one micro-batch of
+reals (images and their cameras) per ``grad_accum`` micro-batch, shared by all phases of the
+step, and every phase that generates (G main, G density regularisation, D main) draws fresh
+fakes for each micro-batch: latent codes z ~ N(0, I) and the camera and a caption of further
+data-set images. D's R1 phase sees the reals only. Every draw comes from the sampler's own
+generators, which its state dict holds, so a resumed run draws the same batches as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -21,21 +25,25 @@ def open_data(path: str) -> PortraitDataset:
 
 
 @dataclass
-class Batch:
-    real_img: torch.Tensor       # (n, 3, R, R) in [-1, 1]
-    real_c: torch.Tensor         # (n, 25) their cameras
-    gen_z: torch.Tensor          # (n, z_dim) the fakes' latent codes
-    gen_c: torch.Tensor          # (n, 25) the fakes' cameras, drawn from the data set
-    gen_captions: list[str]      # the fakes' captions, drawn from the same images' captions
+class Reals:
+    img: torch.Tensor            # (n, 3, R, R) in [-1, 1]
+    c: torch.Tensor              # (n, 25) their cameras
+
+
+@dataclass
+class Fakes:
+    z: torch.Tensor              # (n, z_dim) latent codes
+    c: torch.Tensor              # (n, 25) cameras, those of further data-set images
+    captions: list[str]          # one caption of each of those images
 
 
 class BatchSampler:
-    """Endless batches for one rank, from the data set held in memory as uint8.
+    """Endless reals and fakes for one rank, from the data set held in memory as uint8.
 
     Reals walk a shuffled order of the images: the same permutation on every rank, each rank
-    taking its own stride, so the shards are disjoint. Fakes take the (camera, caption) of further
-    images, so their poses and prompts follow the data, and z ~ N(0, I). Two generators: ``order``
-    (one seed for all ranks) and ``draws`` (per rank: captions and z)."""
+    taking its own stride, so the shards are disjoint. Fakes take the (camera, caption) of the
+    next images of that walk, so their poses and prompts follow the data, and z ~ N(0, I). Two
+    generators: ``order`` (one seed for all ranks) and ``draws`` (per rank: captions and z)."""
 
     def __init__(self, data: PortraitDataset, z_dim: int, seed: int, rank: int = 0, world_size: int = 1):
         self.images, self.labels, self.captions = data.uint8_images(), data.labels, data.captions
@@ -61,12 +69,17 @@ class BatchSampler:
         caps = self.captions[i]
         return caps[int(torch.randint(len(caps), (1,), generator=self.draws))]
 
-    def next_batch(self, n: int, device) -> Batch:
-        idx, gen_idx = self._take(n), self._take(n)
-        captions = [self._caption(int(i)) for i in gen_idx]
+    def next_reals(self, n: int, device) -> Reals:
+        """One micro-batch of reals: drawn once per step, shared by all its phases."""
+        idx = self._take(n)
+        return Reals(self.images[idx].to(device, torch.float32) / 127.5 - 1, self.labels[idx].to(device))
+
+    def next_fakes(self, n: int, device) -> Fakes:
+        """One micro-batch of fakes: drawn afresh for every phase that generates."""
+        idx = self._take(n)
+        captions = [self._caption(int(i)) for i in idx]
         z = torch.randn(n, self.z_dim, generator=self.draws)
-        real = self.images[idx].to(device, torch.float32) / 127.5 - 1
-        return Batch(real, self.labels[idx].to(device), z.to(device), self.labels[gen_idx].to(device), captions)
+        return Fakes(z.to(device), self.labels[idx].to(device), captions)
 
     def state_dict(self) -> dict:
         return {"order_gen": self.order_gen.get_state(), "draws": self.draws.get_state(),
