@@ -49,6 +49,21 @@ def grads(module) -> dict[str, bool]:
             if not (n.startswith("superresolution.") and n.endswith("noise_strength"))}
 
 
+def test_reals_visit_every_image_once_per_pass_however_many_fakes_are_drawn(world):
+    _, data, _ = world
+    dataset = open_data(data)
+    sampler = BatchSampler(dataset, 8, seed=0)
+    everything = torch.from_numpy(np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))]))
+    seen = []
+    for _ in range(len(dataset) // 4):  # one pass of reals, three phases of fakes per step
+        seen.append(sampler.next_reals(4, "cpu").img)
+        fakes = [sampler.next_fakes(4, "cpu") for _ in range(3)]
+    seen = torch.cat(seen)
+    match = (seen[:, None] - everything[None]).abs().flatten(2).amax(2) < 1e-6  # (real drawn, data image)
+    assert match.any(1).all() and match.sum(0).eq(1).all()  # each data image exactly once
+    assert all(len(f.captions) == 4 and f.c.shape == (4, 25) for f in fakes)
+
+
 def test_every_loss_term_reaches_exactly_its_parameters(world):
     root, data, teacher = world
     from dreamportrait.text_generator import DreamPortraitGenerator

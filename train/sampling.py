@@ -1,8 +1,8 @@
 """Training batches, drawn on EG3D's schedule: every optimiser step draws one micro-batch of
 reals (images and their cameras) per ``grad_accum`` micro-batch, shared by all phases of the
 step, and every phase that generates (G main, G density regularisation, D main) draws fresh
-fakes for each micro-batch: latent codes z ~ N(0, I) and the camera and a caption of further
-data-set images. D's R1 phase sees the reals only. Every draw comes from the sampler's own
+fakes for each micro-batch: latent codes z ~ N(0, I) and the camera and a caption of data-set
+images drawn uniformly at random (EG3D draws its fakes' cameras so). D's R1 phase sees the reals only. Every draw comes from the sampler's own
 generators, which its state dict holds, so a resumed run draws the same batches as an
 uninterrupted one.
 """
@@ -33,7 +33,7 @@ class Reals:
 @dataclass
 class Fakes:
     z: torch.Tensor              # (n, z_dim) latent codes
-    c: torch.Tensor              # (n, 25) cameras, those of further data-set images
+    c: torch.Tensor              # (n, 25) cameras, those of data-set images drawn at random
     captions: list[str]          # one caption of each of those images
 
 
@@ -41,9 +41,10 @@ class BatchSampler:
     """Endless reals and fakes for one rank, from the data set held in memory as uint8.
 
     Reals walk a shuffled order of the images: the same permutation on every rank, each rank
-    taking its own stride, so the shards are disjoint. Fakes take the (camera, caption) of the
-    next images of that walk, so their poses and prompts follow the data, and z ~ N(0, I). Two
-    generators: ``order`` (one seed for all ranks) and ``draws`` (per rank: captions and z)."""
+    taking its own stride, so the shards are disjoint, and every image is a real once per pass.
+    Fakes take the (camera, caption) of images drawn uniformly at random, so their poses and
+    prompts follow the data without using up the reals' walk, and z ~ N(0, I). Two generators:
+    ``order`` (one seed for all ranks) and ``draws`` (per rank: the fakes' images, captions and z)."""
 
     def __init__(self, data: PortraitDataset, z_dim: int, seed: int, rank: int = 0, world_size: int = 1):
         self.images, self.labels, self.captions = data.uint8_images(), data.labels, data.captions
@@ -76,7 +77,7 @@ class BatchSampler:
 
     def next_fakes(self, n: int, device) -> Fakes:
         """One micro-batch of fakes: drawn afresh for every phase that generates."""
-        idx = self._take(n)
+        idx = torch.randint(len(self.labels), (n,), generator=self.draws)
         captions = [self._caption(int(i)) for i in idx]
         z = torch.randn(n, self.z_dim, generator=self.draws)
         return Fakes(z.to(device), self.labels[idx].to(device), captions)
