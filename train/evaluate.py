@@ -416,7 +416,7 @@ def evaluate(checkpoint: str, data: str, judge: str | None = None,
             if use_clip:
                 embeddings[v].append(clip_model.images(images[v]).cpu())
             if use_judge:
-                readings[v] += judge_model.decode(judge_model.predict(images[v]))
+                readings[v] += judge_model.read(images[v])
 
     if extractor is not None:
         real, fake = torch.cat(real_features), torch.cat(fake_features)

@@ -140,7 +140,7 @@ def judge_readings(pipe, judge, jobs: Sequence[tuple[str, int]], psi: float, vie
             for v, image in render_views(pipe, portrait, views).items():
                 images[v].append(image)
         for v in views:
-            out[v] += [hide_invisible(r) for r in judge.decode(judge.predict(torch.cat(images[v])))]
+            out[v] += [hide_invisible(r) for r in judge.read(torch.cat(images[v]))]
     return out
 
 

@@ -115,22 +115,11 @@ def learning_rate(cfg: Mapping, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def judge_readings(judge: AttributeClassifier, images: torch.Tensor, batch: int = 256) -> list[dict[str, str]]:
-    """The judge's reading of every attribute of each image (float images in [-1, 1])."""
-    was_training = judge.training
-    judge.eval()
-    predicted = []
-    for start in range(0, len(images), batch):
-        predicted += judge.decode(judge.predict(images[start:start + batch]))
-    judge.train(was_training)
-    return predicted
-
-
 def judge_accuracy(judge: AttributeClassifier, images: torch.Tensor, attributes: Sequence[Mapping],
                    batch: int = 256) -> dict:
     """Per-attribute accuracy over the images where the attribute is visible (float images in [-1, 1])."""
     visible = [{k: v for k, v in attrs.items() if v is not None} for attrs in attributes]
-    return attribute_accuracy(judge_readings(judge, images, batch), visible)
+    return attribute_accuracy(judge.read(images, batch), visible)
 
 
 def misses_sheet(images: torch.Tensor, attributes: Sequence[Mapping], readings: Sequence[Mapping],
@@ -259,7 +248,7 @@ def evaluate_judge(judge: AttributeClassifier | str, num: int = 300, seed: int =
     for name, imgs in images.items():
         results["per_view"][name] = judge_accuracy(judge, imgs, attrs)
         if misses and name == "frontal":
-            sheet = misses_sheet(imgs, attrs, judge_readings(judge, imgs))
+            sheet = misses_sheet(imgs, attrs, judge.read(imgs))
             if sheet is not None:
                 save_png(sheet, misses)
         if combo:

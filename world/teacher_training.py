@@ -564,7 +564,7 @@ def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Seque
             noise = seed_noise(seeds[start:start + batch], unet.config.in_channels, unet.config.sample_size)
             prompts = captions[start:start + batch]
             images = denoise(unet, teacher.vae, teacher.encode_prompts(prompts), empty, noise, guidance, steps)
-            predicted += judge.decode(judge.predict(images))
+            predicted += judge.read(images)
         return dict(attribute_accuracy(predicted, mentioned), seconds=round(time.time() - t0, 1))
 
     results = {"steps": steps, "num": num, "sets": {}}
@@ -577,7 +577,7 @@ def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Seque
         entry = {"reconstruction": reconstruction_error(teacher.vae, real), "guidance": {},
                  "heldout_words": {"num": len(paraphrased), "example": paraphrased[0][1] if paraphrased else None,
                                    "guidance": {}},
-                 "real": attribute_accuracy(judge.decode(judge.predict(real)), items.mentioned)}
+                 "real": attribute_accuracy(judge.read(real), items.mentioned)}
         for guidance in guidances:
             entry["guidance"][str(guidance)] = accuracy(
                 items.captions, list(range(len(items.captions))), items.mentioned, guidance,

@@ -139,6 +139,17 @@ class AttributeClassifier(nn.Module):
         count = len(next(iter(columns.values())))
         return [{name: col[b] for name, col in columns.items()} for b in range(count)]
 
+    def read(self, images: torch.Tensor, batch: int = 256) -> list[dict[str, str]]:
+        """The value names the judge reads in each image (float images in [-1, 1]), in batches and
+        in eval mode (the module's mode is restored)."""
+        was_training = self.training
+        self.eval()
+        readings = []
+        for start in range(0, len(images), batch):
+            readings += self.decode(self.predict(images[start:start + batch]))
+        self.train(was_training)
+        return readings
+
     def encode_targets(self, attributes: Sequence[Mapping[str, str | None]]) -> dict[str, torch.Tensor]:
         """Attribute dicts (one per image, every attribute present; None if invisible) -> indices (B,)."""
         vocab = self.config.vocabulary
