@@ -1,6 +1,7 @@
 """Training configuration: one dataclass tree, named presets, and ``key=value`` overrides.
 
-Stages: ``prior`` trains a plain EG3D generator with the GAN loss (needed in the synthetic
+Stages: ``paired`` (synthetic world only, optional) warm-starts the prior's generator by
+supervising G(z) with the world's renders of head(z); ``prior`` trains a plain EG3D generator with the GAN loss (needed in the synthetic
 world; paper-scale users start from EG3D's released weights through the converter);
 ``stage1`` adds the text path and trains with the GAN loss only, so the zero-initialised
 adapters and the semantics mapping settle into the pretrained generator; ``stage2`` adds
@@ -16,7 +17,7 @@ from dreamportrait.text_generator import TextConditionConfig
 from train.distribution_sds import DistributionSDSConfig
 from train.gan_loss import GANLossConfig
 
-STAGES = ("prior", "stage1", "stage2")
+STAGES = ("paired", "prior", "stage1", "stage2")
 
 
 @dataclass
@@ -57,6 +58,15 @@ class StageConfig:
 
 
 @dataclass
+class PairedConfig(StageConfig):
+    """The paired warm start (train/paired.py): G(z) reproduces the synthetic world's head(z)."""
+    lr: float = 0.002
+    betas: tuple = (0.9, 0.99)                  # converged faster than EG3D's (0, 0.99) in a prototype
+    raw_weight: float = 1.0                     # weight of the L1 on the neural-rendering-resolution image
+    workers: int = 1                            # processes rendering the world's targets (0: the training one)
+
+
+@dataclass
 class TrainConfig:
     preset: str = "custom"
     data: str = ""                              # EG3D-format data set (folder or zip) with captions.json
@@ -70,6 +80,7 @@ class TrainConfig:
     text: TextConfig = field(default_factory=TextConfig)
     sds: DistributionSDSConfig = field(default_factory=DistributionSDSConfig)
     teacher: str | None = None                  # Stable-Diffusion-style pipeline folder (stage2)
+    paired: PairedConfig = field(default_factory=PairedConfig)
     prior: StageConfig = field(default_factory=StageConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
@@ -148,7 +159,8 @@ PRESETS: dict[str, TrainConfig] = {
                         condition=TextConditionConfig(text_dim=384, adapter_resolutions=(4, 8, 16, 32, 64))),
         sds=DistributionSDSConfig(guidance_scale=7.5),  # the small teacher's best scale (world/RESULTS.md, §3)
         teacher="checkpoints/synthetic-teacher",
-        prior=StageConfig(kimg=0.4), stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior"),
+        paired=PairedConfig(kimg=0.4), prior=StageConfig(kimg=0.4),
+        stage1=StageConfig(kimg=0.3, init="runs/synthetic-tiny/prior"),
         stage2=StageConfig(kimg=0.3, init="runs/synthetic-tiny/stage1", grad_accum=1),
         snapshot_every_kimg=0.1, image_every_kimg=0.1,
         eval_prompts=("A young woman with long blond hair.", "An old man with a full beard and glasses.")),
@@ -161,7 +173,7 @@ PRESETS: dict[str, TrainConfig] = {
                         condition=TextConditionConfig(text_dim=1024)),
         sds=DistributionSDSConfig(guidance_scale=100.0),
         teacher="stabilityai/stable-diffusion-2-base",
-        prior=StageConfig(kimg=0.0),
+        paired=PairedConfig(kimg=0.0), prior=StageConfig(kimg=0.0),
         stage1=StageConfig(kimg=500.0, init="checkpoints/eg3d-ffhq512-128"),
         stage2=StageConfig(kimg=1000.0, init="runs/celebatext-512/stage1", grad_accum=2),
         snapshot_every_kimg=50.0, image_every_kimg=20.0,
@@ -191,7 +203,7 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     if st.freeze_G and st.freeze_D:
         raise ValueError(f"{stage}: freezing both G and D leaves nothing to train")
     sources = [k for k in TEXT_SOURCES if getattr(cfg.text, k)]
-    if stage != "prior" and not sources:
+    if stage in ("stage1", "stage2") and not sources:
         raise ValueError(f"{stage} needs a text encoder: set one of " + ", ".join(f"text.{k}" for k in TEXT_SOURCES))
     if len(sources) > 1:
         raise ValueError(f"several text encoders are set ({', '.join('text.' + k for k in sources)}); "

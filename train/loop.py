@@ -99,6 +99,8 @@ def sample_grid(G_ema, text_encoder, prompts) -> torch.Tensor:
 
 def train(cfg: TrainConfig, stage: str, run_dir: str | Path, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run ``stage`` of ``cfg`` into ``run_dir`` (rank 0 writes); returns the trained models."""
+    if stage == "paired":
+        raise ValueError("the paired warm start has its own loop: train.paired.train_paired")
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, stage, Path(run_dir), resume, progress, info)

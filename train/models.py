@@ -61,7 +61,7 @@ def init_folder(cfg: TrainConfig, stage: str) -> Path | None:
     return folder
 
 
-def _generator_config(spec: str | dict) -> GeneratorConfig:
+def generator_config(spec: str | dict) -> GeneratorConfig:
     return preset(spec) if isinstance(spec, str) else GeneratorConfig.from_dict(spec)
 
 
@@ -103,7 +103,7 @@ def build_models(cfg: TrainConfig, stage: str, device: torch.device, data_resolu
         if (folder / DISCRIMINATOR_FILE).is_file():
             D = DualDiscriminator.from_pretrained(folder / DISCRIMINATOR_FILE)
     else:
-        G = TriPlaneGenerator(_generator_config(cfg.generator))
+        G = TriPlaneGenerator(generator_config(cfg.generator))
     if text_encoder is not None:
         G = _text_generator(G, cfg, text_encoder, str(folder / GENERATOR_FILE) if folder else "the generator")
     if D is None:

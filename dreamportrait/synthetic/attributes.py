@@ -8,7 +8,9 @@ never mention.
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +97,32 @@ def sample_attributes(rng: np.random.Generator) -> dict:
     a: dict = {}
     for name, parent, probs in _DRAWS:
         a[name] = _choice(rng, name, probs[a[parent]] if parent else probs)
+    return hide_invisible(a)
+
+
+LATENT_DIMS = len(_DRAWS)  # components of a latent that attributes_from_latent reads
+# name -> the value of the attribute it depends on (None: independent) -> cumulative probabilities.
+_CUMULATIVE = {name: {key: np.cumsum(np.full(len(ATTRIBUTES[name]), 1 / len(ATTRIBUTES[name])) if p is None
+                                     else p).tolist()
+                      for key, p in (probs.items() if parent else [(None, probs)])}
+               for name, parent, probs in _DRAWS}
+
+
+def attributes_from_latent(z) -> dict:
+    """The attributes a Gaussian latent stands for: its first :data:`LATENT_DIMS` components pick,
+    in draw order, each attribute's value at the normal quantile of that component, with the
+    world's (conditional) probabilities. So the attributes of z ~ N(0, I) follow
+    :func:`sample_attributes` exactly (split 'all'), and they are a deterministic, piecewise
+    constant function of z: the paired warm start of the prior (train/paired.py) trains G(z) to
+    draw head(z). Further components are not read."""
+    z = np.asarray(z, dtype=np.float64).reshape(-1)
+    if z.size < LATENT_DIMS:
+        raise ValueError(f"a latent needs at least {LATENT_DIMS} components (one per attribute), got {z.size}")
+    a: dict = {}
+    for k, (name, parent, _) in enumerate(_DRAWS):
+        cumulative = _CUMULATIVE[name][a[parent] if parent else None]
+        u = 0.5 * (1.0 + math.erf(float(z[k]) / math.sqrt(2.0)))
+        a[name] = ATTRIBUTES[name][min(bisect.bisect_right(cumulative, u), len(cumulative) - 1)]
     return hide_invisible(a)
 
 
