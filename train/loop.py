@@ -166,10 +166,6 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
         with torch.no_grad():
             return {"text": text_encoder(fakes.captions).to(info.device)}
 
-    def due(every_kimg: float, before: int) -> bool:
-        every = max(int(every_kimg * 1000), 1)
-        return run.nimg // every > before // every or run.done
-
     while not run.done:
         reals = [sampler.next_reals(micro, info.device) for _ in range(st.grad_accum)]  # shared by all phases
         stats = {}
@@ -200,9 +196,9 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
         G_ema.config.neural_rendering_resolution = gan.neural_rendering_resolution(run.nimg)  # as trained; exported
         before = run.nimg
         run.step(cfg.batch, stats)
-        if run.is_main and due(cfg.image_every_kimg, before):
+        if run.is_main and run.crossed(cfg.image_every_kimg, before):
             run.image_grid(stage, sample_grid(G_ema, text_encoder, cfg.eval_prompts), nrow=6)
-        if due(cfg.snapshot_every_kimg, before):
+        if run.crossed(cfg.snapshot_every_kimg, before):
             checkpoint()
     if run.steps == 0:  # nothing to train (kimg=0): still write the models
         checkpoint()

@@ -152,10 +152,6 @@ def train_paired(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, pr
             "stage": "paired", "kimg": run.nimg / 1000, "kimg_total": run.nimg / 1000, "train_preset": cfg.preset,
             "data": "the synthetic world, rendered for each step"})
 
-    def due(every_kimg: float, before: int) -> bool:
-        every = max(int(every_kimg * 1000), 1)
-        return run.nimg // every > before // every or run.done
-
     stream = batches(cfg.seed, run.steps, cfg.batch, G.config.z_dim, resolution, st.workers) if not run.done else None
     while not run.done:
         batch = next(stream)
@@ -166,9 +162,9 @@ def train_paired(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, pr
         update_ema(G_ema, G, ema_beta(cfg.batch, cfg.optim.ema_kimg * cfg.batch / 32, cfg.optim.ema_rampup, run.nimg))
         before = run.nimg
         run.step(cfg.batch, stats)
-        if due(cfg.image_every_kimg, before):
+        if run.crossed(cfg.image_every_kimg, before):
             run.image_grid("paired", comparison_grid(G_ema, cfg.seed, resolution), nrow=6)
-        if due(cfg.snapshot_every_kimg, before):
+        if run.crossed(cfg.snapshot_every_kimg, before):
             checkpoint()
     if run.steps == 0:
         checkpoint()

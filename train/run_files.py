@@ -136,6 +136,12 @@ class RunFiles:
     def images_per_second(self) -> float:
         return (self.nimg - self.n0) / max(time.time() - self.t0, 1e-9)
 
+    def crossed(self, every_kimg: float, before: int) -> bool:
+        """Whether the last step crossed a multiple of ``every_kimg`` thousand images (counting from
+        ``before``, the images seen before it), or ended the run: when to snapshot or draw samples."""
+        every = max(int(every_kimg * 1000), 1)
+        return self.nimg // every > before // every or self.done
+
     def step(self, batch: int, stats: dict, log: bool = True) -> None:
         """Count one step of ``batch`` images; log ``stats`` (floats) against images seen."""
         self.nimg += batch
