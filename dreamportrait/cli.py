@@ -2,9 +2,12 @@
 
     python -m dreamportrait generate --prompt "A bald man with sunglasses." --seeds 0-3 --views 5 --out out/
     python -m dreamportrait generate --prompt "An old woman with white hair." --seeds 1,5,9 --yaw 20 --video --mesh
+    python -m dreamportrait generate --prompt "A smiling man." --prompt "A woman with red hair." --seeds 0-2 \
+        --views 3 --grid out/figure.png
 
 File names state the prompt, seed and view: ``{prompt-slug}_seed{seed}_yaw{yaw}_pitch{pitch}.png``,
-``{prompt-slug}_seed{seed}_orbit.mp4`` and ``{prompt-slug}_seed{seed}_mesh{res}.glb``.
+``{prompt-slug}_seed{seed}_orbit.mp4`` and ``{prompt-slug}_seed{seed}_mesh{res}.glb``. ``--grid FILE`` also
+writes every still into one labelled figure: a row per prompt and seed, a column per view.
 """
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .app_logic import (
     PITCH_LIMIT, YAW_LIMIT, InputError, StartupError, check_prompt, load_pipeline, parse_number, parse_seed,
 )
 from .cameras import yaw_sweep
-from .grid import save_png, to_uint8
+from .grid import labelled_grid, save_png, to_uint8
 from .mesh import DEFAULT_THRESHOLD, MESH_SUFFIXES, extract_mesh
 from .video import orbit_video
 
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator.safetensors or its folder (default: the app's model under checkpoints/)")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
     g.add_argument("--out", required=True, help="output folder (created if missing)")
+    g.add_argument("--grid", default=None, help="also write all stills into this labelled PNG figure "
+                   "(a row per prompt and seed, a column per view)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -117,6 +123,7 @@ def generate(args) -> list[Path]:
     pipeline = load_pipeline(args.checkpoint, args.device)
     out = Path(args.out)
     written: list[Path] = []
+    figure, labels = [], []
     steps = len(prompts) * len(seeds) * (len(cameras) + args.video + args.mesh)
     with tqdm(total=steps, unit="file", disable=args.no_progress, file=sys.stderr) as bar:
         for prompt in prompts:
@@ -125,9 +132,11 @@ def generate(args) -> list[Path]:
                 for message in portrait.warnings:
                     bar.write(f"warning: {message}")
                 stem = f"{slug(prompt)}_seed{seed}"
+                labels.append(f"{prompt} (seed {seed})")
                 for yaw, pitch in cameras:
-                    image = to_uint8(pipeline.render(portrait, yaw, pitch)["image"][0])
-                    written.append(save_png(image, out / f"{stem}_yaw{yaw:+g}_pitch{pitch:+g}.png"))
+                    image = pipeline.render(portrait, yaw, pitch)["image"]
+                    figure.append(image)
+                    written.append(save_png(to_uint8(image[0]), out / f"{stem}_yaw{yaw:+g}_pitch{pitch:+g}.png"))
                     bar.update()
                 if args.video:
                     written.append(orbit_video(pipeline.G, portrait.planes, portrait.ws,
@@ -137,6 +146,8 @@ def generate(args) -> list[Path]:
                     mesh = extract_mesh(pipeline.G, portrait.planes, args.mesh_resolution, args.mesh_threshold)
                     written.append(mesh.save(out / f"{stem}_mesh{args.mesh_resolution}{args.mesh_format}"))
                     bar.update()
+    if args.grid:
+        written.append(save_png(labelled_grid(torch.cat(figure), labels, len(cameras)), args.grid))
     return written
 
 

@@ -1,11 +1,13 @@
 """Image tensors -> uint8 arrays, grids and PNG files."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .checkpoints import atomic_file
 
@@ -48,3 +50,24 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 def save_grid(images: torch.Tensor, path: str | Path, ncol: int) -> Path:
     return save_png(make_grid(images, ncol), path)
+
+
+def labelled_grid(images: torch.Tensor, labels: Sequence[str], columns: int, scale: int = 2,
+                  label_width: int = 260) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W), ``columns`` to a row, each row's label written on its left
+    (one label per row), tiles upscaled ``scale`` times: a (H', W', 3) uint8 array."""
+    rows = -(-len(images) // columns)
+    if len(labels) != rows:
+        raise ValueError(f"{len(labels)} labels for {rows} rows of {columns} images")
+    pixels = to_uint8(images)
+    size, pad = images.shape[-1] * scale, 2
+    grid = Image.new("RGB", (label_width + columns * (size + pad), rows * (size + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(pixels):
+        row, col = divmod(i, columns)
+        grid.paste(Image.fromarray(image).resize((size, size), Image.NEAREST),
+                   (label_width + col * (size + pad), row * (size + pad)))
+    for row, label in enumerate(labels):
+        draw.multiline_text((4, row * (size + pad) + 4), "\n".join(textwrap.wrap(label, int(label_width / 6.5))),
+                            fill="black")
+    return np.asarray(grid)

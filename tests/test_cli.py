@@ -74,6 +74,21 @@ def test_one_camera_for_a_seed_list_with_progress_bar(tmp_path, pipeline, capsys
     assert "2/2" in capsys.readouterr().err
 
 
+def test_grid_figure_holds_every_still_in_prompt_seed_rows_and_view_columns(tmp_path):
+    figure = tmp_path / "figure.png"
+    assert run("--prompt", "x", "--prompt", "y", "--seeds", "0-1", "--views", "2", "--grid", str(figure),
+               "--no-progress", out=tmp_path / "stills") == 0
+    grid = np.asarray(Image.open(figure))
+    tile = 2 * 64 + 2  # stills upscaled twice, 2 px apart, after a 260 px label column
+    assert grid.shape == (4 * tile, 260 + 2 * tile, 3)
+    for row, (prompt, seed) in enumerate([("x", 0), ("x", 1), ("y", 0), ("y", 1)]):
+        for col, yaw in enumerate(("-30", "+30")):
+            still = np.asarray(Image.open(tmp_path / "stills" / f"{prompt}_seed{seed}_yaw{yaw}_pitch+0.png"))
+            y, x = row * tile, 260 + col * tile
+            np.testing.assert_array_equal(grid[y:y + 128:2, x:x + 128:2], still)
+    assert (grid[:, :260] < 128).any()  # the labels are written
+
+
 @pytest.mark.parametrize("flags, code, message", [
     (["--prompt", "x", "--yaw", "10", "--views", "3"], 2, "--yaw and --views exclude each other"),
     (["--prompt", "x", "--yaw", "90"], 2, "--yaw is 90, outside the allowed range"),

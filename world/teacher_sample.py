@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import textwrap
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from dreamportrait.grid import to_uint8
+from dreamportrait.grid import labelled_grid, save_png
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -42,22 +41,6 @@ def sample_teacher(teacher, prompts: Sequence[str], seeds: Sequence[int], guidan
     return sample_images(teacher.unet, teacher.vae, teacher.encode_prompts, prompts, seeds, guidance, steps)
 
 
-def labelled_grid(images: torch.Tensor, prompts: Sequence[str], columns: int, scale: int = 2):
-    """A PIL image: one row per prompt (its text on the left), ``columns`` images per row."""
-    from PIL import Image, ImageDraw
-    pixels = to_uint8(images, value_range=(-1.0, 1.0))
-    size, pad, label = images.shape[-1] * scale, 2, 260
-    grid = Image.new("RGB", (label + columns * (size + pad), len(prompts) * (size + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, image in enumerate(pixels):
-        row, col = divmod(i, columns)
-        tile = Image.fromarray(image).resize((size, size), Image.NEAREST)
-        grid.paste(tile, (label + col * (size + pad), row * (size + pad)))
-    for row, prompt in enumerate(prompts):
-        draw.multiline_text((4, row * (size + pad) + 4), "\n".join(textwrap.wrap(prompt, 40)), fill="black")
-    return grid
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap = argparse.ArgumentParser(prog="python -m world.teacher_sample", description=__doc__.split("\n\n")[0])
@@ -79,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = sample_teacher(teacher, args.prompt, seeds, args.guidance, args.steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(images, args.prompt, len(seeds)).save(out)
+    save_png(labelled_grid(images, args.prompt, len(seeds)), out)
     print(f"wrote {out} ({len(args.prompt)} prompts x {len(seeds)} seeds, guidance {args.guidance}, "
           f"{args.steps} DDIM steps)")
     return out
