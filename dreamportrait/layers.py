@@ -24,6 +24,7 @@ class FullyConnectedLayer(nn.Module):
                  lr_multiplier: float = 1.0, bias_init: float = 0.0):
         super().__init__()
         self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.lr_multiplier = lr_multiplier
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
         self.bias = nn.Parameter(torch.full([out_features], float(bias_init) / lr_multiplier)) if bias else None
         self.weight_gain = lr_multiplier / math.sqrt(in_features)

@@ -12,7 +12,7 @@ from dreamportrait.generator import preset as generator_preset
 from dreamportrait.synthetic.attributes import (ATTRIBUTES, LATENT_DIMS, attribute_distribution,
                                                 attributes_from_latent, in_split)
 from train.config import apply_overrides, preset
-from train.paired import paired_batch, paired_loss, train_paired
+from train.paired import paired_batch, paired_loss, param_groups, train_paired
 
 TINY_G = generator_preset("tiny", neural_rendering_resolution=16)
 FAST = ["batch=4", "snapshot_every_kimg=0.004", "image_every_kimg=1000", "paired.workers=0",
@@ -78,6 +78,21 @@ def test_paired_loss_fits_the_worlds_renders():
         losses.append(loss.item())
     assert set(stats) == {"loss/l1_image", "loss/l1_raw"}
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize("full_rate, ratio", [(True, (0.3, 3.0)), (False, (0.003, 0.03))])
+def test_with_full_rate_the_mapping_moves_as_fast_as_the_synthesis(full_rate, ratio):
+    torch.manual_seed(0)
+    G = TriPlaneGenerator(TINY_G).train()
+    groups = param_groups(G, 0.002, full_rate)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in G.parameters())
+    fc0, conv = G.backbone.mapping.fc0.weight, G.backbone.synthesis.b4.conv1.weight
+    before = fc0.detach().clone(), conv.detach().clone()
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    paired_loss(G, paired_batch(0, 0, 2, TINY_G.z_dim, TINY_G.img_resolution), 1.0)[0].backward()
+    opt.step()
+    moved = [float((p.detach() - b).norm() / b.norm()) for p, b in zip((fc0, conv), before)]
+    assert ratio[0] < moved[0] / moved[1] < ratio[1], moved
 
 
 def test_paired_resume_is_exact_and_rendering_workers_keep_the_order(tmp_path):

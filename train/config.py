@@ -63,6 +63,7 @@ class PairedConfig(StageConfig):
     lr: float = 0.002
     betas: tuple = (0.9, 0.99)                  # converged faster than EG3D's (0, 0.99) in a prototype
     raw_weight: float = 1.0                     # weight of the L1 on the neural-rendering-resolution image
+    mapping_full_rate: bool = True              # the mapping learns at lr, not at EG3D's lr x 0.01 (see paired.py)
     workers: int = 1                            # processes rendering the world's targets (0: the training one)
 
 
