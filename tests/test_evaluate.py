@@ -355,6 +355,19 @@ def test_diversity_score_is_the_generated_over_the_worlds_entropy():
     assert held["captions_without_reference"] == 1 and "skipped" in held
 
 
+def test_latent_attribute_accuracy_counts_readings_equal_to_the_named_values():
+    import numpy as np
+    from dreamportrait.synthetic.attributes import attributes_from_latent
+    named = [attributes_from_latent(z) for z in np.random.default_rng(0).standard_normal((40, 19))]
+    exact = ew.latent_attribute_accuracy(named, named)
+    assert exact["value"] == pytest.approx(100.0)
+    wrong = [dict(r, gender="woman" if r["gender"] == "man" else "man") for r in named]
+    flipped = ew.latent_attribute_accuracy(wrong, named)
+    assert flipped["per_attribute"]["gender"] == 0.0 and flipped["per_attribute"]["age"] == 100.0
+    men = sum(r["gender"] == "man" for r in named) / len(named)  # the world's likeliest gender: man (0.5 each; first)
+    assert exact["majority_guess_per_attribute"]["gender"] == pytest.approx(100 * men)
+
+
 @pytest.fixture(scope="module")
 def tiny_prior(tmp_path_factory):
     """A 32x32 tiny random plain (prior) generator."""
@@ -379,8 +392,11 @@ def test_prior_metrics_end_to_end_on_a_tiny_random_generator(tiny_prior, tiny_wo
     assert tv["target"] == 0.1 and tv["met"] == (tv["value"] <= 0.1)
     assert all(0 <= v <= 100 for v in agree["per_attribute"].values()) and 0 <= agree["value"] <= 100
     assert all(d["readings_seen"] <= 9 for d in results["distributions"].values())  # 3 samples x 3 views
+    latent = results["metrics"]["latent_attributes"]
+    assert set(latent["per_attribute"]) == set(ATTRIBUTES) and 0 <= latent["majority_guess"] <= 100
     table = (tmp_path / "prior.md").read_text()
     assert "| attribute TV (mean) |" in table and "| hair_color |" in table
+    assert "| frontal reading = attribute z names (%) |" in table
     assert "cross-view agreement (%)" in capsys.readouterr().out
     text_prior = ew.evaluate_prior(str(tiny_world / "generator.safetensors"), str(tiny_world / "judge.safetensors"),
                                    num=1, progress=False)

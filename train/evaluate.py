@@ -314,7 +314,7 @@ def item_seeds(seed: int, num: int) -> list[int]:
 
 # ---- generation ----------------------------------------------------------------------------------
 
-def _z(seed: int, z_dim: int, device) -> torch.Tensor:
+def seed_latent(seed: int, z_dim: int, device) -> torch.Tensor:
     """The pipeline's z for a seed (same generator and draw as DreamPortraitPipeline.latent)."""
     return torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -336,7 +336,7 @@ def generate_item(pipe, prompt: str, seed: int, label: torch.Tensor, psi: float,
     G, out = pipe.G, {}
     if fid:
         c = label.reshape(1, -1).to(pipe.device)
-        ws = G.mapping(_z(seed, G.config.z_dim, pipe.device), c, truncation_psi=psi)
+        ws = G.mapping(seed_latent(seed, G.config.z_dim, pipe.device), c, truncation_psi=psi)
         portrait = pipe.portrait(prompt, seed, psi, ws=ws)
         out["fid"] = _quantise(G.render(portrait.planes, portrait.ws, c, deterministic=True)["image"])
     if views:
