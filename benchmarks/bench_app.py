@@ -7,8 +7,8 @@ Starts ``python app.py`` on a free loopback port and drives it with gradio_clien
 
 * latency: ``--requests`` generate requests (new seed each, prompts cycling over the examples)
   and as many camera-only re-renders (yaw sweeping ±60°), one client, after a warm-up; median
-  and p95 round-trip times. Also the server-side compute alone: the pipeline's re-render of
-  cached planes in this process, in frames/s.
+  and p95 round-trip times. Also the server-side compute alone, in this process: the pipeline's
+  re-render of cached planes in frames/s, and the model time of a prompt it has not seen.
 * load: ``--clients`` concurrent clients x ``--per-client`` mixed requests (generate, re-render,
   mix, mesh at a ``--mesh-resolution`` grid), each client with its own seeds; every answer is
   checked against the pipeline run locally (the same picture up to float summation order, the
@@ -114,6 +114,20 @@ def server_side_fps(ref: Reference, frames: int) -> float:
         ref.pipeline.render(portrait, -60 + (i * 7) % 121, 0)
         times.append(time.perf_counter() - t0)
     return 1.0 / statistics.median(times)
+
+
+def server_side_new_prompt_ms(ref: Reference, prompts: int) -> float:
+    """Median model time of a prompt the pipeline has not seen (text encoding, mapping, synthesis
+    and a frontal render), in this process: each prompt is an example with a new count of
+    years in it, so the text cache never answers."""
+    ref.pipeline.generate("A person.", 0, ref.psi)
+    times = []
+    for i in range(prompts):
+        prompt = f"{ref.prompts[i % len(ref.prompts)]} {20 + i} years old."
+        t0 = time.perf_counter()
+        ref.pipeline.generate(prompt, 1000 + i, ref.psi)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
 
 
 def plan(client_index: int, per_client: int, prompts: list[str]) -> list[tuple]:
@@ -239,6 +253,7 @@ def main(argv=None) -> int:
         with app_process(checkpoint, tmp / "app.log", *flags) as (url, proc):
             times = latency(url, ref, args.requests, tmp / "latency")
             fps = server_side_fps(ref, args.requests)
+            new_prompt_ms = server_side_new_prompt_ms(ref, args.requests)
             results, elapsed, memory = load_test(url, proc.pid, ref, args.clients, args.per_client,
                                                  args.mesh_resolution, threshold, args.timeout, tmp / "load")
 
@@ -255,7 +270,8 @@ def main(argv=None) -> int:
     print(f"| generate (new seed; mapping + synthesis + render) | {summary(times['generate'])} |")
     print(f"| re-render, camera only (cached tri-planes) | {summary(times['render'])} |")
     print(f"\nServer-side re-render of cached planes (no HTTP/PNG): **{fps:.1f} frames/s** "
-          f"(median of {args.requests}).\n")
+          f"(median of {args.requests}); a new prompt (text encoding, mapping, synthesis, frontal render): "
+          f"**{new_prompt_ms:.0f} ms** (median of {args.requests} prompts never seen before).\n")
     by_kind = {}
     for kind, seconds, ok, _ in results:
         by_kind.setdefault(kind, []).append(seconds)

@@ -137,6 +137,9 @@ def atomic_folder(folder, replace: bool = True) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's private 0700, made what mkdir would have given
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old.", dir=folder.parent))
             os.replace(folder, old / folder.name)

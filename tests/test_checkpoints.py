@@ -156,6 +156,14 @@ def test_save_rejects_bad_metadata(tmp_path):
     assert not path.exists()
 
 
+def test_atomic_folder_has_the_permissions_of_a_plain_folder(tmp_path):
+    from dreamportrait.checkpoints import atomic_folder
+    with atomic_folder(tmp_path / "model") as staging:
+        (staging / "a.txt").write_text("1")
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "model").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_atomic_folder_replaces_whole_or_leaves_the_old_folder(tmp_path):
     from dreamportrait.checkpoints import atomic_folder
     target = tmp_path / "model"

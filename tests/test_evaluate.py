@@ -403,6 +403,18 @@ def test_prior_metrics_end_to_end_on_a_tiny_random_generator(tiny_prior, tiny_wo
     assert text_prior["prompt"] == "" and 0 <= text_prior["metrics"]["attribute_tv"]["value"] <= 1
 
 
+def test_mismatched_captions_give_every_item_another_items_caption():
+    captions = [f"caption {k}" for k in range(7)]
+    for seed in range(5):
+        other = ew.mismatched_captions(captions, seed)
+        assert sorted(other) == captions  # a permutation: each caption is used once
+        assert all(o != c for o, c in zip(other, captions))  # never the item's own
+    assert ew.mismatched_captions(captions, 0) == ew.mismatched_captions(captions, 0) != \
+        ew.mismatched_captions(captions, 1)
+    with pytest.raises(ValueError, match="at least 2 items"):
+        ew.mismatched_captions(["one"], 0)
+
+
 def test_text_metrics_end_to_end_on_a_tiny_random_generator(tiny_world, tiny_prior, tmp_path):
     import json
     out = tmp_path / "text.json"
@@ -411,7 +423,9 @@ def test_text_metrics_end_to_end_on_a_tiny_random_generator(tiny_world, tiny_pri
              str(root / "judge.safetensors"), "--num", "2", "--diversity-captions", "2", "--diversity-seeds", "3",
              "--batch", "3", "--device", "cpu", "--out", str(out)])
     m = json.loads(out.read_text())["metrics"]
-    assert set(m) == {"attribute_accuracy", "heldout_attribute_accuracy", "diversity", "view_consistency"}
+    assert set(m) == {"attribute_accuracy", "unconditional_accuracy", "heldout_attribute_accuracy", "diversity",
+                      "view_consistency"}
+    assert 0 <= m["unconditional_accuracy"]["value"] <= 100
     assert 0 <= m["attribute_accuracy"]["value"] <= 100 and m["attribute_accuracy"]["views"] == list(ew.WORLD_VIEWS)
     held = m["heldout_attribute_accuracy"]
     assert held["items"] + held["items_without_heldout_word"] == 2 and 0 <= held["value"] <= 100

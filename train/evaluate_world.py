@@ -35,6 +35,9 @@ captions, same seeds):
   the data set's captions and on a second caption per item written with the held-out paraphrase
   words (``make_caption(truth, heldout=True)``; items with no such paraphrase are counted and
   left out), each against the attributes its caption names, in percent;
+* the unconditional rate: the same accuracy when each item's image is made, with its own seed,
+  from another item's caption (:func:`mismatched_captions`): what a generator that ignores its
+  text scores (the ablation's baseline: stage 1 should stay near it, the full model far above);
 * diversity: each of the first C captions with seeds 0..S-1, read from the front. Per attribute
   the caption does not name, the normalised entropy (entropy / log(number of values)) of the
   readings where seen, averaged over (caption, attribute) pairs, beside the world's own: the
@@ -221,6 +224,19 @@ def heldout_captions(items, seed: int) -> list[tuple[int, str, dict]]:
     return out
 
 
+def mismatched_captions(captions: Sequence[str], seed: int) -> list[str]:
+    """Each item's caption replaced by another item's (a random derangement fixed by ``seed``).
+    Images made from them and read against each item's own caption score what a generator that
+    ignores its text would score: the unconditional rate of the ablation table."""
+    if len(captions) < 2:
+        raise ValueError("the unconditional rate needs at least 2 items (--num 2)")
+    order = np.random.default_rng([seed, 4]).permutation(len(captions))
+    out = list(captions)
+    for i, k in enumerate(order):  # each item in the cycle takes the next one's caption
+        out[k] = captions[order[(i + 1) % len(order)]]
+    return out
+
+
 def diversity(frontal: Sequence[Mapping[str, str | None]], mentioned: Sequence[Mapping[str, str]],
               seeds: int, split: str) -> dict:
     """Diversity score from the frontal readings of captions x seeds (caption-major) and the
@@ -275,6 +291,9 @@ def evaluate_text(checkpoint: str, data: str, judge: str, num: int = 1000, seed:
                          progress, "data set captions")
     held = heldout_captions(items, seed)
     metrics = {"attribute_accuracy": accuracy_metric(own, items.mentioned)}
+    other = judge_readings(pipe, judge_model, list(zip(mismatched_captions(items.captions, seed), seeds)), psi,
+                           WORLD_VIEWS, None, batch, progress, "another item's caption")
+    metrics["unconditional_accuracy"] = accuracy_metric(other, items.mentioned)
     if held:
         held_read = judge_readings(pipe, judge_model, [(c, seeds[k]) for k, c, _ in held], psi, WORLD_VIEWS,
                                    None, batch, progress, "held-out captions")
@@ -335,6 +354,7 @@ def format_markdown(results: dict) -> str:
                                    per))
     rows = []
     for key, title in (("attribute_accuracy", "attribute accuracy, data set captions (%)"),
+                       ("unconditional_accuracy", "the same, images made from another item's caption (%)"),
                        ("heldout_attribute_accuracy", "attribute accuracy, held-out words (%)"),
                        ("diversity", "diversity (generated / world entropy)"),
                        ("view_consistency", "multi-view consistency (%)")):
@@ -347,18 +367,20 @@ def format_markdown(results: dict) -> str:
                          f"{d['captions']} captions x {d['seeds']} seeds"))
         else:
             detail = (f"{d['items']} items ({d['items_without_heldout_word']} without a held-out word)"
-                      if key == "heldout_attribute_accuracy" else f"{results['num']} items")
+                      if key == "heldout_attribute_accuracy" else
+                      f"{results['num']} items; the unconditional rate (what ignoring the text scores)"
+                      if key == "unconditional_accuracy" else f"{results['num']} items")
             rows.append((title, f"{d['value']:.1f}", "", detail))
-    acc, held, div, cons = (m[k] for k in ("attribute_accuracy", "heldout_attribute_accuracy", "diversity",
-                                           "view_consistency"))
+    acc, uncond, held, div, cons = (m[k] for k in ("attribute_accuracy", "unconditional_accuracy",
+                                                   "heldout_attribute_accuracy", "diversity", "view_consistency"))
     per = []
     for name in ATTRIBUTES:
         d = div.get("per_attribute", {}).get(name)
-        per.append((name, _cell(acc, name), _cell(held, name),
+        per.append((name, _cell(acc, name), _cell(uncond, name), _cell(held, name),
                     f"{d['generated']:.2f} / {d['world']:.2f}" if d else "—", _cell(cons, name)))
     return "\n".join(_markdown(("metric", "value", "target", "details"), rows) + [""] +
-                     _markdown(("attribute", "accuracy (%)", "held-out words (%)", "diversity gen / world",
-                                "consistency (%)"), per))
+                     _markdown(("attribute", "accuracy (%)", "another's caption (%)", "held-out words (%)",
+                                "diversity gen / world", "consistency (%)"), per))
 
 
 def main(argv: Sequence[str]) -> dict:

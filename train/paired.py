@@ -37,6 +37,7 @@ from dreamportrait.layers import FullyConnectedLayer
 from dreamportrait.ops import resize
 from dreamportrait.synthetic.attributes import Identity, attributes_from_latent, in_split
 from dreamportrait.synthetic.cameras import sample_labels
+from dreamportrait.synthetic.dataset_writer import single_thread_worker
 from dreamportrait.synthetic.render import render
 from train.config import TrainConfig
 from train.ema import ema_beta, update_ema
@@ -88,10 +89,6 @@ class PairedStream(torch.utils.data.IterableDataset):
             step += workers
 
 
-def _single_thread(_worker: int) -> None:
-    torch.set_num_threads(1)
-
-
 def _as_is(batch: PairedBatch) -> PairedBatch:
     return batch
 
@@ -102,7 +99,7 @@ def batches(seed: int, first: int, n: int, z_dim: int, resolution: int, workers:
     if workers == 0:
         return iter(stream)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         worker_init_fn=_single_thread, prefetch_factor=2, collate_fn=_as_is,
+                                         worker_init_fn=single_thread_worker, prefetch_factor=2, collate_fn=_as_is,
                                          generator=torch.Generator())  # leaves the global RNG (G's noise) alone
     return iter(loader)
 

@@ -107,7 +107,9 @@ def _render_batch(identities: list[Identity], labels: torch.Tensor, resolution: 
     return to_uint8(render(HeadBatch(identities), labels, resolution)["rgb"], value_range=(0, 1))
 
 
-def _single_thread() -> None:
+def single_thread_worker(*_worker_id) -> None:
+    """Initialiser of a rendering worker process (a Pool's, or a DataLoader's with its worker id):
+    one thread each, so that several workers do not oversubscribe the cores."""
     torch.set_num_threads(1)
 
 
@@ -155,7 +157,7 @@ def write_dataset(out: str | Path, num: int, resolution: int = 64, seed: int = 0
         pool = None
         if workers:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_single_thread)
+                                       initializer=single_thread_worker)
         try:
             rendered = iter(pool.map(_render_batch, *zip(*tasks)) if pool and tasks else
                             (_render_batch(*t) for t in tasks))
