@@ -190,7 +190,8 @@ def test_type_generate_and_turn_the_head(tmp_path):
     other = os.environ.get("DREAMPORTRAIT_BROWSER_CHECKPOINT")
     checkpoint = Path(other) if other else tiny_checkpoint(**WIDE)
     model_file = checkpoint / GENERATOR_FILE if checkpoint.is_dir() else checkpoint
-    resolution = GeneratorConfig.from_dict(read_model_metadata(model_file).config["generator"]).img_resolution
+    meta = read_model_metadata(model_file)
+    resolution = GeneratorConfig.from_dict(meta.config["generator"]).img_resolution
     with app_process(checkpoint, tmp_path / "app.log") if other else contextlib.nullcontext((shared_server(), None)) \
             as (url, _):
         browser = Browser(executable, tmp_path / "profile")
@@ -199,7 +200,7 @@ def test_type_generate_and_turn_the_head(tmp_path):
             browser.wait_for("!!document.querySelector('#generate') && !!document.querySelector('#yaw input[type=range]')",
                              "the page to load")
             info = browser.evaluate("document.querySelector('#model-info').innerText")
-            assert model_name({"file": str(model_file)}) in info and "kimg" in info
+            assert model_name({"file": str(model_file), **meta.extra}) in info and "kimg" in info
             assert f"{resolution}×{resolution}" in info
 
             browser.type_into("#prompt textarea", PROMPT)
