@@ -79,7 +79,7 @@ def test_text_generator_checkpoint_round_trip(tmp_path, encoder):
 
 def test_checkpoints_with_the_old_adapters_adapters_names_still_load(tmp_path, encoder):
     """Files written before the adapters' parameters lost their stutter (``adapters.adapters.<res>.*``,
-    e.g. checkpoints/synthetic-tiny-e2e) load into ``adapters.<res>.*`` with identical outputs."""
+    before 2026-12-01) load into ``adapters.<res>.*`` with identical outputs."""
     torch.manual_seed(2)
     G = DreamPortraitGenerator(preset("tiny"), TextConditionConfig(text_dim=encoder.width, adapter_count=2)).eval()
     with torch.no_grad():

@@ -321,6 +321,25 @@ def test_bf16_autocast_trains_every_phase_of_stage2(world, stage1_run, tmp_path)
     assert all(np.isfinite(v) for v in losses.values())
 
 
+def test_stage2_without_the_gan_term_trains_g_by_sds_alone_and_leaves_d_as_it_was(world, stage1_run, tmp_path):
+    """The ablation "distribution SDS without GAN regularisation" (stage2.gan_weight=0): G's only
+    loss is SDS, D is neither run nor trained (its exported weights are stage 1's), and G moves."""
+    from safetensors.torch import load_file
+    from train.loop import train
+    root, data, teacher = world
+    train(config(data, "stage2.gan_weight=0", "stage2.kimg=0.008", f"stage2.init={stage1_run}", f"teacher={teacher}"),
+          "stage2", tmp_path / "run", progress=False)
+    log = read_log(tmp_path / "run")
+    assert len(log) == 2 and all("loss/sds" in r for r in log)
+    assert not any(k in r for r in log for k in ("loss/G", "loss/D_fake", "loss/D_real", "loss/r1"))
+    d0, d1 = (load_file(f / "discriminator.safetensors") for f in (Path(stage1_run), tmp_path / "run"))
+    assert d0.keys() == d1.keys() and all(torch.equal(d0[k], d1[k]) for k in d0)
+    g0, g1 = (load_file(f / "generator.safetensors") for f in (Path(stage1_run), tmp_path / "run"))
+    assert any(not torch.equal(g0[k], g1[k]) for k in g0 if k in g1)
+    with pytest.raises(ValueError, match="stage1.gan_weight=0 leaves G without an objective"):
+        validate(config(data, "stage1.gan_weight=0"), "stage1")
+
+
 def test_exported_generator_records_the_trained_rendering_resolution(world, tmp_path):
     """The neural rendering resolution fades from the generator's own to gan.*_final; the exported
     generator renders at the value it was trained at."""
@@ -395,3 +414,12 @@ def test_chained_stages_write_checkpoints_the_pipeline_loads(world, tmp_path):
     assert pipe.info["kimg_total"] == pytest.approx(0.012)  # 4 images in each of the three stages
     _, img = pipe.generate("A young woman with long red hair.", seed=1)
     assert img["image"].shape == (1, 3, 64, 64) and torch.isfinite(img["image"]).all()
+
+
+def test_command_line_takes_overrides_before_and_after_options(capsys):
+    """`python -m train ... a=1 --run-dir R b=2` (as the RESULTS commands are often written)."""
+    from train.__main__ import main
+    assert main(["--preset", "synthetic-tiny", "data=somewhere", "--stage", "stage1", "--print-config",
+                 "stage1.kimg=2"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["data"] == "somewhere" and cfg["stage1"]["kimg"] == 2

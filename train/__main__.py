@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, JSON values)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before and after options
     try:
         cfg = apply_overrides(preset(args.preset), args.overrides)
         validate(cfg, args.stage)

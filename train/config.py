@@ -203,6 +203,11 @@ def validate(cfg: TrainConfig, stage: str) -> None:
         raise ValueError(f"{stage}.kimg must be >= 0")
     if st.freeze_G and st.freeze_D:
         raise ValueError(f"{stage}: freezing both G and D leaves nothing to train")
+    if st.gan_weight < 0:
+        raise ValueError(f"{stage}.gan_weight={st.gan_weight} must be >= 0")
+    if st.gan_weight == 0 and stage != "stage2":
+        raise ValueError(f"{stage}.gan_weight=0 leaves G without an objective (only stage2 has another term, "
+                         "distribution SDS); keep the GAN term in this stage")
     sources = [k for k in TEXT_SOURCES if getattr(cfg.text, k)]
     if stage in ("stage1", "stage2") and not sources:
         raise ValueError(f"{stage} needs a text encoder: set one of " + ", ".join(f"text.{k}" for k in TEXT_SOURCES))

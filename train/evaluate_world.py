@@ -36,8 +36,11 @@ captions, same seeds):
   words (``make_caption(truth, heldout=True)``; items with no such paraphrase are counted and
   left out), each against the attributes its caption names, in percent;
 * the unconditional rate: the same accuracy when each item's image is made, with its own seed,
-  from another item's caption (:func:`mismatched_captions`): what a generator that ignores its
-  text scores (the ablation's baseline: stage 1 should stay near it, the full model far above);
+  from another item's caption (:func:`mismatched_captions`), read against the item's own. For a
+  text-blind generator this is exactly what ignoring the text scores (the ablation's baseline:
+  stage 1 should stay near it, the full model far above); a generator that follows text scores
+  a little lower here, since it draws the other caption's attributes, so its gain over this rate
+  slightly overstates its gain over a text-blind generator of the same quality;
 * diversity: each of the first C captions with seeds 0..S-1, read from the front. Per attribute
   the caption does not name, the normalised entropy (entropy / log(number of values)) of the
   readings where seen, averaged over (caption, attribute) pairs, beside the world's own: the
@@ -226,8 +229,9 @@ def heldout_captions(items, seed: int) -> list[tuple[int, str, dict]]:
 
 def mismatched_captions(captions: Sequence[str], seed: int) -> list[str]:
     """Each item's caption replaced by another item's (a random derangement fixed by ``seed``).
-    Images made from them and read against each item's own caption score what a generator that
-    ignores its text would score: the unconditional rate of the ablation table."""
+    Images made from them and read against each item's own caption give the unconditional rate of
+    the ablation table: exactly a text-blind generator's score, and a little lower for one that
+    follows text (it draws the other caption's attributes)."""
     if len(captions) < 2:
         raise ValueError("the unconditional rate needs at least 2 items (--num 2)")
     order = np.random.default_rng([seed, 4]).permutation(len(captions))
@@ -368,7 +372,7 @@ def format_markdown(results: dict) -> str:
         else:
             detail = (f"{d['items']} items ({d['items_without_heldout_word']} without a held-out word)"
                       if key == "heldout_attribute_accuracy" else
-                      f"{results['num']} items; the unconditional rate (what ignoring the text scores)"
+                      f"{results['num']} items; the unconditional rate (a text-blind generator's score)"
                       if key == "unconditional_accuracy" else f"{results['num']} items")
             rows.append((title, f"{d['value']:.1f}", "", detail))
     acc, uncond, held, div, cons = (m[k] for k in ("attribute_accuracy", "unconditional_accuracy",

@@ -63,11 +63,13 @@ def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: G
     """One phase's loss on one micro-batch (``cond``: the fakes' text condition), and the scalars to log."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
-        gan_loss = gan.generator_loss(img, fakes.c, cur_nimg)
+        loss, stats = 0.0, {}
+        if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
+            gan_loss = gan.generator_loss(img, fakes.c, cur_nimg)
+            loss, stats = gan_weight * gan_loss, {"loss/G": gan_loss.item()}
         guided = guidance(fakes.captions, img["image"]) if guidance is not None else None
-        loss = gan_weight * gan_loss + (guided.loss if guided is not None else 0.0)
-        stats = {"loss/G": gan_loss.item()}
         if guided is not None:
+            loss = loss + guided.loss
             stats[f"loss/{guidance.name}"] = guided.loss.item()
             stats.update({f"{guidance.name}/{k}": float(v) for k, v in guided.stats.items()})
         return loss, stats
@@ -130,7 +132,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
 
     # Optimisers and phases (a frozen module has neither).
     G_params = [] if st.freeze_G else [p for p in G.parameters() if p.requires_grad]
-    D_params = [] if st.freeze_D else [p for p in D.parameters() if p.requires_grad]
+    D_params = [] if st.freeze_D or st.gan_weight == 0 else [p for p in D.parameters() if p.requires_grad]
     o = cfg.optim
     opt_G = make_optimizer(G_params, o.g_lr, o.betas, o.eps, o.g_reg_interval) if G_params else None
     opt_D = make_optimizer(D_params, o.d_lr, o.betas, o.eps, o.d_reg_interval) if D_params else None
