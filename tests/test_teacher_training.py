@@ -168,8 +168,14 @@ def test_evaluation_reads_teacher_samples_on_data_set_and_heldout_word_captions(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         judge = AttributeClassifier(JudgeConfig(resolution=16, channels=(8, 8), norm_groups=4)).eval()
-    results = evaluate_teacher(teacher, judge, [str(world)], [1.0, 3.0], num=6, steps=2, batch=4, progress=False)
+    results = evaluate_teacher(teacher, judge, [str(world)], [1.0, 3.0], num=6, steps=2, batch=4, progress=False,
+                               diversity_captions=3, diversity_seeds=4)
     entry = results["sets"][str(world)]
+    # the generator's diversity metric on teacher samples: 3 captions x 4 seeds per guidance scale
+    assert set(entry["diversity"]) == {"1.0", "3.0"}
+    for d in entry["diversity"].values():
+        assert d["captions"] == 3 and d["seeds"] == 4 and d["pairs"] > 0 and 0.0 <= d["generated"] <= 1.0
+    assert "diversity of unnamed attributes** (3 captions x 4 seeds" in format_table(results)
     assert set(entry["guidance"]) == {"1.0", "3.0"}
     words = entry["heldout_words"]
     assert 1 <= words["num"] <= 6 and set(words["guidance"]) == {"1.0", "3.0"}

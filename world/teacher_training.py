@@ -540,7 +540,8 @@ def export_teacher(unet, vae, encoder: TextEncoder, out, logs: dict | None = Non
 # ---- evaluation ----------------------------------------------------------------------------------
 
 def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Sequence[float], num: int, steps: int,
-                     seed: int = 0, batch: int = 25, progress: bool = True) -> dict:
+                     seed: int = 0, batch: int = 25, progress: bool = True, diversity_captions: int = 0,
+                     diversity_seeds: int = 16) -> dict:
     """Attribute accuracy of teacher samples, read by the judge, per data set and guidance scale.
 
     For ``num`` seeded held-out items of each data set, one image per caption (its evaluation
@@ -549,13 +550,17 @@ def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Seque
     paraphrase, written in held-out words (``heldout_words``: words the teacher never read in
     training, :func:`train.evaluate_world.heldout_captions`). Plus, on those items' real images,
     the VAE's reconstruction error and the judge's accuracy (the ceiling of the teacher's).
+    With ``diversity_captions`` C > 0, also the diversity of the attributes a caption does not
+    name (:func:`train.evaluate_world.diversity`, the generator's metric): the first C captions,
+    each with seeds 0..``diversity_seeds``-1, at every guidance scale. Distribution SDS pulls the
+    generator towards what the teacher draws, so this is the diversity it can keep at best.
     """
     from train.evaluate import attribute_accuracy, load_items
-    from train.evaluate_world import heldout_captions
+    from train.evaluate_world import diversity, heldout_captions
     unet, empty = teacher.unet, teacher.uncond_embedding()
 
-    def accuracy(captions, seeds, mentioned, guidance, desc):
-        t0, predicted = time.time(), []
+    def readings(captions, seeds, guidance, desc):
+        predicted = []
         chunks = range(0, len(captions), batch)
         if progress:
             from tqdm import tqdm
@@ -565,6 +570,11 @@ def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Seque
             prompts = captions[start:start + batch]
             images = denoise(unet, teacher.vae, teacher.encode_prompts(prompts), empty, noise, guidance, steps)
             predicted += judge.read(images)
+        return predicted
+
+    def accuracy(captions, seeds, mentioned, guidance, desc):
+        t0 = time.time()
+        predicted = readings(captions, seeds, guidance, desc)
         return dict(attribute_accuracy(predicted, mentioned), seconds=round(time.time() - t0, 1))
 
     results = {"steps": steps, "num": num, "sets": {}}
@@ -586,6 +596,14 @@ def evaluate_teacher(teacher, judge, data_paths: Sequence[str], guidances: Seque
                 entry["heldout_words"]["guidance"][str(guidance)] = accuracy(
                     [c for _, c, _ in paraphrased], [k for k, _, _ in paraphrased], [m for _, _, m in paraphrased],
                     guidance, f"{Path(path).name} held-out words, guidance {guidance}")
+        if diversity_captions > 0:
+            count = min(diversity_captions, len(items.captions))
+            captions = [items.captions[k] for k in range(count) for _ in range(diversity_seeds)]
+            seeds = [s for _ in range(count) for s in range(diversity_seeds)]
+            entry["diversity"] = {str(g): diversity(readings(captions, seeds, g, f"{Path(path).name} diversity, "
+                                                             f"guidance {g}"), items.mentioned[:count],
+                                                    diversity_seeds, "train")
+                                  for g in guidances}
         results["sets"][path] = entry
     return results
 
@@ -610,6 +628,11 @@ def format_table(results: dict) -> str:
         if words.get("guidance"):
             lines.append(f"| **mean, {words['num']} captions in held-out words** | | " + " | ".join(
                 f"**{100 * words['guidance'][g]['mean']:.1f}**" for g in scales) + " |")
+        if entry.get("diversity"):
+            some = next(iter(entry["diversity"].values()))
+            lines.append(f"| **diversity of unnamed attributes** ({some['captions']} captions x {some['seeds']} seeds; "
+                         "normalised entropy / the world's) | | " + " | ".join(
+                             f"{entry['diversity'][g].get('value', float('nan')):.3f}" for g in scales) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -687,8 +710,11 @@ def _cmd_evaluate(args) -> None:
     teacher = DiffusionTeacher.from_pretrained(args.teacher)
     judge = AttributeClassifier.from_pretrained(args.judge)
     data = [args.data] + ([args.data2] if args.data2 else [])
+    if args.diversity_captions < 0 or args.diversity_seeds < 2:
+        raise TeacherTrainingError("--diversity-captions must be >= 0 and --diversity-seeds >= 2")
     results = evaluate_teacher(teacher, judge, data, args.guidance, args.num, args.steps, args.seed,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, diversity_captions=args.diversity_captions,
+                               diversity_seeds=args.diversity_seeds)
     results.update(teacher=args.teacher, judge=args.judge)
     print(format_table(results))
     if args.out:
@@ -780,6 +806,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num", type=int, default=200, help="captions per data set")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="which items are drawn")
+    p.add_argument("--diversity-captions", type=int, default=0, help="also the diversity of unnamed attributes "
+                   "over seeds for this many captions (as python -m train.evaluate text); 0: not measured")
+    p.add_argument("--diversity-seeds", type=int, default=16, help="seeds per caption for the diversity")
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
