@@ -423,3 +423,30 @@ def test_command_line_takes_overrides_before_and_after_options(capsys):
                  "stage1.kimg=2"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["data"] == "somewhere" and cfg["stage1"]["kimg"] == 2
+
+
+def test_mode_seeking_extension_pairs_fakes_and_pushes_a_pairs_images_apart(world, stage1_run, tmp_path):
+    """stage2.mode_seeking_weight (MSGAN's term, an extension): G main's fakes come in pairs that
+    share camera and caption and differ in z; the term falls as a pair's images move apart; a run
+    logs it; an odd micro-batch is refused."""
+    from train.loop import mode_seeking_loss, train
+    from train.sampling import Fakes
+    root, data, teacher = world
+    fakes = Fakes(torch.randn(4, 8), torch.arange(100.0).reshape(4, 25), ["a", "b", "c", "d"]).in_pairs()
+    assert fakes.captions == ["a", "a", "c", "c"] and torch.equal(fakes.c[1], fakes.c[0])
+    assert torch.equal(fakes.c[3], fakes.c[2]) and not torch.equal(fakes.c[2], fakes.c[0])
+    z, images = torch.randn(4, 8), torch.zeros(4, 3, 8, 8)
+    near, far = images.clone(), images.clone()
+    near[1::2] += 0.01
+    far[1::2] += 0.5
+    assert mode_seeking_loss(z, far) < mode_seeking_loss(z, near) / 10
+    images.requires_grad_(True)
+    mode_seeking_loss(z, images + torch.linspace(0, 0.1, 4).view(4, 1, 1, 1)).backward()
+    assert (images.grad[1::2] < 0).all() and (images.grad[0::2] > 0).all()  # descent moves b up and a down: apart
+    train(config(data, "stage2.mode_seeking_weight=1", "stage2.kimg=0.004", f"stage2.init={stage1_run}",
+                 f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
+    (record,) = read_log(tmp_path / "run")
+    assert record["loss/mode_seeking"] > 0 and "loss/sds" in record and "loss/G" in record
+    with pytest.raises(ValueError, match="micro-batch \\(3\\) must be even"):
+        train(config(data, "batch=3", "stage2.mode_seeking_weight=1", f"stage2.init={stage1_run}",
+                     f"teacher={teacher}"), "stage2", tmp_path / "odd", progress=False)

@@ -55,6 +55,7 @@ class StageConfig:
     freeze_D: bool = False
     grad_accum: int = 1                         # micro-batches per optimiser step
     gan_weight: float = 1.0                     # weight of the GAN term in G's objective (next to the guidance)
+    mode_seeking_weight: float = 0.0            # extension, not the paper's: MSGAN's term on pairs of z (train/loop.py)
 
 
 @dataclass
@@ -205,6 +206,8 @@ def validate(cfg: TrainConfig, stage: str) -> None:
         raise ValueError(f"{stage}: freezing both G and D leaves nothing to train")
     if st.gan_weight < 0:
         raise ValueError(f"{stage}.gan_weight={st.gan_weight} must be >= 0")
+    if st.mode_seeking_weight < 0:
+        raise ValueError(f"{stage}.mode_seeking_weight={st.mode_seeking_weight} must be >= 0")
     if st.gan_weight == 0 and stage != "stage2":
         raise ValueError(f"{stage}.gan_weight=0 leaves G without an objective (only stage2 has another term, "
                          "distribution SDS); keep the GAN term in this stage")

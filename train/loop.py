@@ -58,15 +58,30 @@ def make_optimizer(params, lr: float, betas, eps: float, reg_interval: int) -> t
     return torch.optim.Adam(params, lr=lr * ratio, betas=tuple(b ** ratio for b in betas), eps=eps)
 
 
+def mode_seeking_loss(z: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al., CVPR 2019) on pairs (2k, 2k+1) that share camera and
+    caption: the mean over pairs of mean|z_a - z_b| / (mean|G(z_a) - G(z_b)| + eps). Minimising it
+    keeps a prompt's images apart as their latents are apart, against a collapse onto one image
+    per prompt. An extension (``STAGE.mode_seeking_weight``), not part of the paper's recipe."""
+    dz = (z[0::2] - z[1::2]).abs().flatten(1).mean(1)
+    di = (images[0::2] - images[1::2]).abs().flatten(1).mean(1)
+    return (dz / (di + eps)).mean()
+
+
 def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
-               gan_weight: float, cur_nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """One phase's loss on one micro-batch (``cond``: the fakes' text condition), and the scalars to log."""
+               gan_weight: float, cur_nimg: int, mode_seeking_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """One phase's loss on one micro-batch (``cond``: the fakes' text condition), and the scalars to log.
+    With ``mode_seeking_weight`` > 0, G main's fakes come in pairs (:meth:`Fakes.in_pairs`)."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
         loss, stats = 0.0, {}
+        if mode_seeking_weight > 0:
+            ms = mode_seeking_loss(fakes.z, img["image"])
+            loss, stats = mode_seeking_weight * ms, {"loss/mode_seeking": ms.item()}
         if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
             gan_loss = gan.generator_loss(img, fakes.c, cur_nimg)
-            loss, stats = gan_weight * gan_loss, {"loss/G": gan_loss.item()}
+            loss = loss + gan_weight * gan_loss
+            stats["loss/G"] = gan_loss.item()
         guided = guidance(fakes.captions, img["image"]) if guidance is not None else None
         if guided is not None:
             loss = loss + guided.loss
@@ -116,6 +131,8 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
         raise ValueError(f"batch {cfg.batch} must be divisible by world size {info.world_size} x "
                          f"grad_accum {st.grad_accum}")
     micro = cfg.batch // (info.world_size * st.grad_accum)
+    if st.mode_seeking_weight > 0 and micro % 2:
+        raise ValueError(f"{stage}.mode_seeking_weight needs pairs of fakes: the micro-batch ({micro}) must be even")
 
     # Data and models; everything that can fail on bad input fails here, before any training work.
     data = open_data(cfg.data)
@@ -182,9 +199,12 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
             opt.zero_grad(set_to_none=True)
             for real in reals:
                 fakes = sampler.next_fakes(micro, info.device) if phase.generates else None  # this phase's own
+                if phase.name == "Gmain" and st.mode_seeking_weight > 0:
+                    fakes = fakes.in_pairs()
                 cond = text_condition(fakes)
                 with precision():
-                    loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg)
+                    loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg,
+                                         st.mode_seeking_weight)
                 (loss * (phase.interval / len(reals))).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v / len(reals)

@@ -36,6 +36,14 @@ class Fakes:
     c: torch.Tensor              # (n, 25) cameras, those of data-set images drawn at random
     captions: list[str]          # one caption of each of those images
 
+    def in_pairs(self) -> "Fakes":
+        """The same fakes with items 2k and 2k+1 sharing item 2k's camera and caption, so that each
+        pair differs only in z (for the mode-seeking term, ``STAGE.mode_seeking_weight``)."""
+        if len(self.captions) % 2:
+            raise ValueError(f"pairs need an even micro-batch, got {len(self.captions)} fakes")
+        first = [k - k % 2 for k in range(len(self.captions))]
+        return Fakes(self.z, self.c[first], [self.captions[k] for k in first])
+
 
 class BatchSampler:
     """Endless reals and fakes for one rank, from the data set held in memory as uint8.
