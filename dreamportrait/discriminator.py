@@ -6,6 +6,11 @@ EG3D's pretrained discriminator loads by name. A model file's config holds eithe
 ``discriminator`` (a :class:`DiscriminatorConfig` dict, written by
 :meth:`DualDiscriminator.save_pretrained`) or ``eg3d_init_kwargs`` (EG3D's constructor kwargs,
 written by ``python -m dreamportrait.eg3d.convert``).
+
+An extension, not EG3D's nor the paper's: with ``text_dim`` > 0 the discriminator also reads a
+sentence feature and adds its embedding to the camera embedding the output is projected on
+(projection conditioning, Miyato & Koyama 2018, as text-to-image GANs condition D). The
+embedding's last layer starts at zero, so a discriminator that gains it judges exactly as before.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ class DiscriminatorConfig:
     mbstd_group_size: int = 4
     mbstd_num_channels: int = 1
     disc_c_noise: float = 0.0
+    text_dim: int = 0             # extension: width of the sentence feature D also reads (0: text-blind, EG3D's)
 
     def channels(self, res: int) -> int:
         return min(self.channel_base // res, self.channel_max)
@@ -110,8 +116,22 @@ class DiscriminatorEpilogue(nn.Module):
         return x
 
 
+class TextProjection(nn.Module):
+    """Sentence feature -> an embedding added to the camera embedding; zero until trained."""
+
+    def __init__(self, text_dim: int, cmap_dim: int):
+        super().__init__()
+        self.fc0 = FullyConnectedLayer(text_dim, cmap_dim, activation="lrelu")
+        self.fc1 = FullyConnectedLayer(cmap_dim, cmap_dim)
+        nn.init.zeros_(self.fc1.weight)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.fc1(self.fc0(text))
+
+
 class DualDiscriminator(nn.Module):
-    """D({'image', 'image_raw'}, c) -> logits (B, 1)."""
+    """D({'image', 'image_raw'}, c[, text]) -> logits (B, 1); ``text`` (B, text_dim) only when
+    ``config.text_dim`` > 0."""
 
     def __init__(self, config: DiscriminatorConfig | None = None):
         super().__init__()
@@ -126,9 +146,16 @@ class DualDiscriminator(nn.Module):
         if cfg.c_dim > 0:
             self.mapping = MappingNetwork(0, cfg.c_dim, cmap_dim, num_ws=None, num_layers=cfg.mapping_layers,
                                           w_avg_beta=None)
+        if cfg.text_dim > 0:
+            if cfg.c_dim <= 0:
+                raise ValueError("a discriminator's text_dim > 0 adds to its camera embedding: it needs c_dim > 0")
+            self.text_mapping = TextProjection(cfg.text_dim, cmap_dim)
         self.b4 = DiscriminatorEpilogue(cfg.channels(4), cmap_dim, cfg.mbstd_group_size, cfg.mbstd_num_channels)
 
-    def forward(self, img: dict[str, torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: dict[str, torch.Tensor], c: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        if (text is not None) != (self.config.text_dim > 0):
+            raise ValueError(f"this discriminator reads a sentence feature of width {self.config.text_dim} "
+                             f"(0: none); got {'none' if text is None else tuple(text.shape)}")
         size = img["image"].shape[-1]
         raw = resize(img["image_raw"], size)
         x_img = torch.cat([img["image"], raw], dim=1)
@@ -140,6 +167,8 @@ class DualDiscriminator(nn.Module):
             if self.config.disc_c_noise > 0:
                 c = c + torch.randn_like(c) * c.std(0) * self.config.disc_c_noise
             cmap = self.mapping(None, c)
+        if text is not None:
+            cmap = cmap + self.text_mapping(text.to(cmap.dtype))
         return self.b4(x, cmap)
 
     # Checkpoints -------------------------------------------------------------------------

@@ -214,6 +214,26 @@ def test_resume_with_another_text_encoder_is_refused(data, encoder, vae_folder, 
         train_unet(data, vae, bert_encoder(seed=1), tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
 
 
+def test_a_new_run_can_start_from_a_saved_unet_and_refuses_another_shape(data, encoder, vae_folder, tmp_path):
+    vae = load_vae(vae_folder)
+    other_seed = UNetConfig(**{**UNET_CFG.__dict__, "seed": 1})  # another initialisation than UNET_CFG's
+    first = train_unet(data, vae, encoder, tmp_path / "first", 0.008, other_seed, **QUIET)
+    steps = []
+    second = train_unet(data, vae, encoder, tmp_path / "second", 0.008, UNET_CFG, init_unet=tmp_path / "first" / "unet",
+                        on_step=steps.append, should_stop=lambda: len(steps) == 1, **QUIET)
+    moved = [float((a - b).abs().max()) for a, b in zip(first.state_dict().values(), second.state_dict().values())]
+    assert 0 < max(moved) < 0.05  # one step away from the saved weights, not a fresh initialisation
+    fresh = train_unet(data, vae, encoder, tmp_path / "fresh", 0.008, UNET_CFG, on_step=steps.append,
+                       should_stop=lambda: len(steps) == 2, **QUIET)
+    assert max(float((a - b).abs().max()) for a, b in zip(first.state_dict().values(),
+                                                         fresh.state_dict().values())) > 10 * max(moved)
+    wider = UNetConfig(**{**UNET_CFG.__dict__, "channels": (16, 48)})
+    with pytest.raises(TeacherTrainingError, match="does not match this run's UNet.*block_out_channels"):
+        train_unet(data, vae, encoder, tmp_path / "wider", 0.008, wider, init_unet=tmp_path / "first" / "unet", **QUIET)
+    with pytest.raises(TeacherTrainingError, match="no UNet there"):
+        train_unet(data, vae, encoder, tmp_path / "none", 0.008, UNET_CFG, init_unet=tmp_path / "nowhere", **QUIET)
+
+
 def test_caption_states_are_the_encoders_token_states_encoded_once(encoder):
     captions = ["", "A person with red hair", "A young woman with long curly white hair wearing earrings", "A bald man"]
     states = CaptionStates.encode(encoder, captions * 2, batch=2, progress=False)

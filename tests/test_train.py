@@ -136,14 +136,14 @@ def test_each_phase_generates_its_own_fakes_and_shares_the_steps_reals(world, tm
         seen["Greg"].append(draw(z, c, cond))
         return density_loss(self, z, c, cond, cur_nimg)
 
-    def recording_discriminator_loss(self, z, c, cond, real_img, real_c, cur_nimg):
+    def recording_discriminator_loss(self, z, c, cond, real_img, real_c, cur_nimg, real_cond=None):
         seen["Dmain"].append(draw(z, c, cond))
         seen["Dmain reals"].append((real_img.clone(), real_c.clone()))
-        return discriminator_loss(self, z, c, cond, real_img, real_c, cur_nimg)
+        return discriminator_loss(self, z, c, cond, real_img, real_c, cur_nimg, real_cond)
 
-    def recording_r1_loss(self, real_img, real_c, cur_nimg):
+    def recording_r1_loss(self, real_img, real_c, cur_nimg, real_cond=None):
         seen["Dreg reals"].append((real_img.clone(), real_c.clone()))
-        return r1_loss(self, real_img, real_c, cur_nimg)
+        return r1_loss(self, real_img, real_c, cur_nimg, real_cond)
 
     for name, f in (("fakes", recording_fakes), ("density_loss", recording_density_loss),
                     ("discriminator_loss", recording_discriminator_loss), ("r1_loss", recording_r1_loss)):
@@ -450,3 +450,50 @@ def test_mode_seeking_extension_pairs_fakes_and_pushes_a_pairs_images_apart(worl
     with pytest.raises(ValueError, match="micro-batch \\(3\\) must be even"):
         train(config(data, "batch=3", "stage2.mode_seeking_weight=1", f"stage2.init={stage1_run}",
                      f"teacher={teacher}"), "stage2", tmp_path / "odd", progress=False)
+
+
+def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_it(world, stage1_run, tmp_path):
+    """STAGE.text_discriminator (an extension): a text-blind D gains a zero-initialised projection
+    of the sentence feature, so it first judges exactly as before; the reals come with one of their
+    own captions; training moves the projection; a text-reading D is not silently dropped."""
+    from dreamportrait.checkpoints import DISCRIMINATOR_FILE, CheckpointError
+    from dreamportrait.discriminator import DualDiscriminator
+    from train.loop import train
+    root, data, teacher = world
+    dataset = open_data(data)
+    sampler = BatchSampler(dataset, 8, seed=0)
+    fakes_before = sampler.next_fakes(4, "cpu")
+    reals = sampler.next_reals(4, "cpu")
+    everything = torch.from_numpy(np.stack([dataset[i]["image"].numpy() for i in range(len(dataset))]))
+    which = [int(((everything - img).abs().flatten(1).amax(1) < 1e-6).nonzero()) for img in reals.img]
+    assert all(cap in dataset.captions[i] for cap, i in zip(reals.captions, which))
+    plain = BatchSampler(dataset, 8, seed=0)  # drawing the reals' captions changes no fake
+    assert plain.next_fakes(4, "cpu").captions == fakes_before.captions
+
+    torch.manual_seed(0)
+    blind = build_models(config(data, f"stage1.init={stage1_run}"), "stage1", torch.device("cpu"), 64)
+    torch.manual_seed(0)
+    reading = build_models(config(data, f"stage1.init={stage1_run}", "stage1.text_discriminator=true"), "stage1",
+                           torch.device("cpu"), 64)
+    assert blind.D.config.text_dim == 0 and reading.D.config.text_dim == reading.text_encoder.width == 32
+    cond = {"text": reading.text_encoder(reals.captions)}
+    img = {"image": reals.img, "image_raw": reals.img}
+    with torch.no_grad():  # the same weights and, until it learns, the same judgement
+        assert torch.equal(blind.D(img, reals.c), reading.D(img, reals.c, cond["text"].eot))
+    with pytest.raises(ValueError, match="reads a sentence feature of width 32"):
+        reading.D(img, reals.c)
+    with pytest.raises(ValueError, match="no text condition was given"):
+        GANLoss(reading.G, reading.D, config(data).gan).logits(img, reals.c, 0)
+
+    train(config(data, "stage1.kimg=0.008", f"stage1.init={stage1_run}", "stage1.text_discriminator=true"),
+          "stage1", tmp_path / "stage1", progress=False)
+    D = DualDiscriminator.from_pretrained(tmp_path / "stage1" / DISCRIMINATOR_FILE)
+    assert D.config.text_dim == 32 and D.text_mapping.fc1.weight.abs().sum() > 0  # it learned to read text
+    other = torch.stack([reading.text_encoder(["A bald man with a full beard."]).eot[0]] * 4)
+    with torch.no_grad():
+        assert not torch.allclose(D(img, reals.c, cond["text"].eot), D(img, reals.c, other))
+    with pytest.raises(CheckpointError, match="reads text \\(text_dim=32\\); continue with stage2.text_discriminator=true"):
+        train(config(data, "stage2.kimg=0.004", f"stage2.init={tmp_path / 'stage1'}", f"teacher={teacher}"),
+              "stage2", tmp_path / "stage2", progress=False)
+    with pytest.raises(ValueError, match="prior.text_discriminator: only stage1 and stage2"):
+        validate(config(data, "prior.text_discriminator=true"), "prior")

@@ -56,6 +56,8 @@ class StageConfig:
     grad_accum: int = 1                         # micro-batches per optimiser step
     gan_weight: float = 1.0                     # weight of the GAN term in G's objective (next to the guidance)
     mode_seeking_weight: float = 0.0            # extension, not the paper's: MSGAN's term on pairs of z (train/loop.py)
+    text_discriminator: bool = False            # extension, not the paper's: D also reads the sentence feature
+                                                # (projection, dreamportrait/discriminator.py; stage1/stage2)
 
 
 @dataclass
@@ -211,6 +213,9 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     if st.gan_weight == 0 and stage != "stage2":
         raise ValueError(f"{stage}.gan_weight=0 leaves G without an objective (only stage2 has another term, "
                          "distribution SDS); keep the GAN term in this stage")
+    if st.text_discriminator and stage not in ("stage1", "stage2"):
+        raise ValueError(f"{stage}.text_discriminator: only stage1 and stage2 have text for the discriminator "
+                         "to read")
     sources = [k for k in TEXT_SOURCES if getattr(cfg.text, k)]
     if stage in ("stage1", "stage2") and not sources:
         raise ValueError(f"{stage} needs a text encoder: set one of " + ", ".join(f"text.{k}" for k in TEXT_SOURCES))

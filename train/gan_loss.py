@@ -9,7 +9,9 @@ does, and the loop exports the value it trained at.
 
 The generator may be a plain :class:`~dreamportrait.generator.TriPlaneGenerator` (prior
 training) or the text-conditioned generator; text reaches it through ``cond`` keyword
-arguments of ``mapping``/``synthesis``/``sample_mixed`` and is never seen by the discriminator.
+arguments of ``mapping``/``synthesis``/``sample_mixed``. EG3D's discriminator never sees it; one
+with the text projection (an extension, ``DiscriminatorConfig.text_dim`` > 0) reads the sentence
+feature of each image's caption: the fakes' prompts and the reals' own captions.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class GANLoss:
     def __init__(self, G, D, cfg: GANLossConfig):
         self.G, self.D, self.cfg = G, D, cfg
         self.initial_resolution = G.config.neural_rendering_resolution
+        self.reads_text = D.config.text_dim > 0  # the discriminator's text projection (an extension)
 
     # Schedules ---------------------------------------------------------------------------
     def blur_sigma(self, cur_nimg: int) -> float:
@@ -91,18 +94,23 @@ class GANLoss:
         return self.G.synthesis(ws, c, neural_rendering_resolution=self.neural_rendering_resolution(cur_nimg),
                                 **cond)
 
-    def logits(self, img: dict, c: torch.Tensor, cur_nimg: int) -> torch.Tensor:
+    def logits(self, img: dict, c: torch.Tensor, cur_nimg: int, cond: dict | None = None) -> torch.Tensor:
+        """D's logits; ``cond`` is the images' text condition, read only by a text-reading D."""
         img = dict(img, image=blur(img["image"], self.blur_sigma(cur_nimg)))
-        return self.D(img, c)
+        if not self.reads_text:
+            return self.D(img, c)
+        if not cond:
+            raise ValueError("the discriminator reads text (text_dim > 0) but no text condition was given")
+        return self.D(img, c, cond["text"].eot)
 
     def reals(self, real_img: torch.Tensor, cur_nimg: int) -> dict:
         raw = resize(real_img, self.neural_rendering_resolution(cur_nimg))
         return {"image": real_img, "image_raw": blur(raw, self.blur_sigma(cur_nimg))}
 
     # Terms -------------------------------------------------------------------------------
-    def generator_loss(self, fake: dict, c: torch.Tensor, cur_nimg: int) -> torch.Tensor:
+    def generator_loss(self, fake: dict, c: torch.Tensor, cur_nimg: int, cond: dict | None = None) -> torch.Tensor:
         """Non-saturating: softplus(-D(G(z)))."""
-        return F.softplus(-self.logits(fake, c, cur_nimg)).mean()
+        return F.softplus(-self.logits(fake, c, cur_nimg, cond)).mean()
 
     def density_loss(self, z, c, cond: dict, cur_nimg: int) -> torch.Tensor:
         """L1 between densities at random points and at slightly perturbed copies."""
@@ -113,21 +121,23 @@ class GANLoss:
         half = sigma.shape[1] // 2
         return F.l1_loss(sigma[:, :half], sigma[:, half:]) * self.cfg.density_reg
 
-    def discriminator_loss(self, gen_z, gen_c, cond: dict, real_img, real_c, cur_nimg: int
-                           ) -> tuple[torch.Tensor, dict[str, float]]:
-        """softplus(D(G(z))) + softplus(-D(x)); G only supplies the fakes."""
+    def discriminator_loss(self, gen_z, gen_c, cond: dict, real_img, real_c, cur_nimg: int,
+                           real_cond: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """softplus(D(G(z))) + softplus(-D(x)); G only supplies the fakes. ``real_cond``: the reals'
+        captions' text condition (for a text-reading D)."""
         with torch.no_grad():
             fake = self.fakes(gen_z, gen_c, cond, cur_nimg, update_emas=True)
-        loss_fake = F.softplus(self.logits(fake, gen_c, cur_nimg)).mean()
-        loss_real = F.softplus(-self.logits(self.reals(real_img, cur_nimg), real_c, cur_nimg)).mean()
+        loss_fake = F.softplus(self.logits(fake, gen_c, cur_nimg, cond)).mean()
+        loss_real = F.softplus(-self.logits(self.reals(real_img, cur_nimg), real_c, cur_nimg, real_cond)).mean()
         return loss_fake + loss_real, {"loss/D_fake": loss_fake.item(), "loss/D_real": loss_real.item()}
 
-    def r1_loss(self, real_img, real_c, cur_nimg: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def r1_loss(self, real_img, real_c, cur_nimg: int, real_cond: dict | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
         """R1: gamma / 2 * |grad_x D(x)|^2 over the real image and its raw version."""
         real = self.reals(real_img, cur_nimg)
         image = real["image"].detach().requires_grad_(True)
         raw = real["image_raw"].detach().requires_grad_(True)
-        logits = self.logits({"image": image, "image_raw": raw}, real_c, cur_nimg)
+        logits = self.logits({"image": image, "image_raw": raw}, real_c, cur_nimg, real_cond)
         g_img, g_raw = torch.autograd.grad(logits.sum(), [image, raw], create_graph=True)
         penalty = g_img.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])
         return (penalty * (self.cfg.r1_gamma / 2)).mean(), {"loss/r1": penalty.mean().item()}

@@ -69,8 +69,10 @@ def mode_seeking_loss(z: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) 
 
 
 def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
-               gan_weight: float, cur_nimg: int, mode_seeking_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """One phase's loss on one micro-batch (``cond``: the fakes' text condition), and the scalars to log.
+               gan_weight: float, cur_nimg: int, mode_seeking_weight: float = 0.0,
+               real_cond: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One phase's loss on one micro-batch (``cond``: the fakes' text condition; ``real_cond``: the
+    reals' captions', for a text-reading discriminator), and the scalars to log.
     With ``mode_seeking_weight`` > 0, G main's fakes come in pairs (:meth:`Fakes.in_pairs`)."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
@@ -79,7 +81,7 @@ def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: G
             ms = mode_seeking_loss(fakes.z, img["image"])
             loss, stats = mode_seeking_weight * ms, {"loss/mode_seeking": ms.item()}
         if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
-            gan_loss = gan.generator_loss(img, fakes.c, cur_nimg)
+            gan_loss = gan.generator_loss(img, fakes.c, cur_nimg, cond)
             loss = loss + gan_weight * gan_loss
             stats["loss/G"] = gan_loss.item()
         guided = guidance(fakes.captions, img["image"]) if guidance is not None else None
@@ -92,9 +94,9 @@ def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: G
         loss = gan.density_loss(fakes.z, fakes.c, cond, cur_nimg)
         return loss, {"loss/density_reg": loss.item()}
     if phase == "Dmain":
-        return gan.discriminator_loss(fakes.z, fakes.c, cond, reals.img, reals.c, cur_nimg)
+        return gan.discriminator_loss(fakes.z, fakes.c, cond, reals.img, reals.c, cur_nimg, real_cond)
     if phase == "Dreg":
-        return gan.r1_loss(reals.img, reals.c, cur_nimg)
+        return gan.r1_loss(reals.img, reals.c, cur_nimg, real_cond)
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -179,11 +181,11 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
         if run.is_main:
             export(run_dir, G_ema, D, text_encoder, cfg, stage, run.nimg, models.init_kimg_total)
 
-    def text_condition(fakes: Fakes | None) -> dict:  # of the fakes' captions; the text encoder is frozen
-        if text_encoder is None or fakes is None:
+    def text_condition(captions: list[str] | None) -> dict:  # the text encoder is frozen
+        if text_encoder is None or captions is None:
             return {}
         with torch.no_grad():
-            return {"text": text_encoder(fakes.captions).to(info.device)}
+            return {"text": text_encoder(captions).to(info.device)}
 
     while not run.done:
         reals = [sampler.next_reals(micro, info.device) for _ in range(st.grad_accum)]  # shared by all phases
@@ -201,10 +203,11 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                 fakes = sampler.next_fakes(micro, info.device) if phase.generates else None  # this phase's own
                 if phase.name == "Gmain" and st.mode_seeking_weight > 0:
                     fakes = fakes.in_pairs()
-                cond = text_condition(fakes)
+                cond = text_condition(fakes.captions if fakes else None)
+                real_cond = text_condition(real.captions if gan.reads_text and phase.module == "D" else None)
                 with precision():
                     loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg,
-                                         st.mode_seeking_weight)
+                                         st.mode_seeking_weight, real_cond)
                 (loss * (phase.interval / len(reals))).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v / len(reals)

