@@ -455,7 +455,8 @@ def test_mode_seeking_extension_pairs_fakes_and_pushes_a_pairs_images_apart(worl
 def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_it(world, stage1_run, tmp_path):
     """STAGE.text_discriminator (an extension): a text-blind D gains a zero-initialised projection
     of the sentence feature, so it first judges exactly as before; the reals come with one of their
-    own captions; training moves the projection; a text-reading D is not silently dropped."""
+    own captions, and D main also sees them with a neighbour's caption as fakes (matching-aware);
+    training moves the projection; a text-reading D is not silently dropped."""
     from dreamportrait.checkpoints import DISCRIMINATOR_FILE, CheckpointError
     from dreamportrait.discriminator import DualDiscriminator
     from train.loop import train
@@ -485,8 +486,21 @@ def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_i
     with pytest.raises(ValueError, match="no text condition was given"):
         GANLoss(reading.G, reading.D, config(data).gan).logits(img, reals.c, 0)
 
+    gan = GANLoss(reading.G, reading.D, config(data).gan)
+    with torch.no_grad():
+        reading.D.text_mapping.fc1.weight.normal_()  # a D that reads text: the mismatched reals are judged apart
+    fk = BatchSampler(dataset, reading.G.config.z_dim, seed=1).next_fakes(4, "cpu")
+    _, stats = gan.discriminator_loss(fk.z, fk.c, {"text": reading.text_encoder(fk.captions)}, reals.img, reals.c, 0,
+                                      cond)
+    with torch.no_grad():
+        expected = torch.nn.functional.softplus(gan.logits(gan.reals(reals.img, 0), reals.c, 0, {"text": reading.text_encoder(
+            reals.captions[-1:] + reals.captions[:-1])})).mean()  # each real shown with its neighbour's caption
+    assert stats["loss/D_mismatch"] == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["loss/D_mismatch"] != pytest.approx(stats["loss/D_real"], rel=1e-3)
+
     train(config(data, "stage1.kimg=0.008", f"stage1.init={stage1_run}", "stage1.text_discriminator=true"),
           "stage1", tmp_path / "stage1", progress=False)
+    assert "loss/D_mismatch" in read_log(tmp_path / "stage1")[0]
     D = DualDiscriminator.from_pretrained(tmp_path / "stage1" / DISCRIMINATOR_FILE)
     assert D.config.text_dim == 32 and D.text_mapping.fc1.weight.abs().sum() > 0  # it learned to read text
     other = torch.stack([reading.text_encoder(["A bald man with a full beard."]).eot[0]] * 4)

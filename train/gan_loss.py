@@ -11,10 +11,13 @@ The generator may be a plain :class:`~dreamportrait.generator.TriPlaneGenerator`
 training) or the text-conditioned generator; text reaches it through ``cond`` keyword
 arguments of ``mapping``/``synthesis``/``sample_mixed``. EG3D's discriminator never sees it; one
 with the text projection (an extension, ``DiscriminatorConfig.text_dim`` > 0) reads the sentence
-feature of each image's caption: the fakes' prompts and the reals' own captions.
+feature of each image's caption: the fakes' prompts and the reals' own captions, and is also
+shown reals with another real's caption as fakes (the matching-aware loss of Reed et al. 2016):
+without them a D that tells fakes by their looks has no reason to read the text at all.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -128,8 +131,16 @@ class GANLoss:
         with torch.no_grad():
             fake = self.fakes(gen_z, gen_c, cond, cur_nimg, update_emas=True)
         loss_fake = F.softplus(self.logits(fake, gen_c, cur_nimg, cond)).mean()
-        loss_real = F.softplus(-self.logits(self.reals(real_img, cur_nimg), real_c, cur_nimg, real_cond)).mean()
-        return loss_fake + loss_real, {"loss/D_fake": loss_fake.item(), "loss/D_real": loss_real.item()}
+        reals = self.reals(real_img, cur_nimg)
+        loss_real = F.softplus(-self.logits(reals, real_c, cur_nimg, real_cond)).mean()
+        stats = {"loss/D_fake": loss_fake.item(), "loss/D_real": loss_real.item()}
+        if not self.reads_text:
+            return loss_fake + loss_real, stats
+        text = real_cond["text"]
+        mismatched = {"text": dataclasses.replace(text, eot=text.eot.roll(1, 0))}  # each real, its neighbour's caption
+        loss_mismatch = F.softplus(self.logits(reals, real_c, cur_nimg, mismatched)).mean()
+        stats["loss/D_mismatch"] = loss_mismatch.item()
+        return loss_fake + loss_real + loss_mismatch, stats
 
     def r1_loss(self, real_img, real_c, cur_nimg: int, real_cond: dict | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
