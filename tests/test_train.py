@@ -511,3 +511,21 @@ def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_i
               "stage2", tmp_path / "stage2", progress=False)
     with pytest.raises(ValueError, match="prior.text_discriminator: only stage1 and stage2"):
         validate(config(data, "prior.text_discriminator=true"), "prior")
+
+
+def test_discriminator_text_margin_is_zero_for_a_d_that_ignores_the_text(world, stage1_run):
+    """`python -m train.evaluate discriminator`: own caption vs a neighbour's, on real images."""
+    from train.evaluate import discriminator_text_margin
+    root, data, _ = world
+    torch.manual_seed(0)
+    built = build_models(config(data, f"stage1.init={stage1_run}", "stage1.text_discriminator=true"), "stage1",
+                         torch.device("cpu"), 64)
+    unread = discriminator_text_margin(built.D, built.text_encoder, data, 8, raw_resolution=16, batch=4)
+    assert unread["images"] == 8 and unread["margin_mean"] == 0 and unread["own_caption_higher"] == 0
+    with torch.no_grad():
+        built.D.text_mapping.fc1.weight.normal_()
+    read = discriminator_text_margin(built.D, built.text_encoder, data, 8, raw_resolution=16, batch=4)
+    assert abs(read["margin_mean"]) > 1e-3
+    blind = build_models(config(data, f"stage1.init={stage1_run}"), "stage1", torch.device("cpu"), 64)
+    with pytest.raises(ValueError, match="does not read text"):
+        discriminator_text_margin(blind.D, blind.text_encoder, data, 8, raw_resolution=16)

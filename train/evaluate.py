@@ -27,6 +27,10 @@ The synthetic world's prior metrics (attribute distribution, cross-view agreemen
 metrics (held-out-word accuracy, diversity, multi-view consistency) are subcommands,
 ``python -m train.evaluate prior|text ...``: see :mod:`train.evaluate_world`.
 
+``python -m train.evaluate discriminator D_FILE --data DIR`` asks whether a text-reading
+discriminator (the ``STAGE.text_discriminator`` extension) reads the text: on real images, how
+much higher its logit is with the image's own caption than with another image's.
+
 A metric whose component is missing (no judge, no CLIP, no Inception weights, a generator
 without text) is reported as skipped with the reason.
 """
@@ -488,6 +492,29 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def discriminator_text_margin(D, text_encoder, data: str, num: int, raw_resolution: int, seed: int = 0,
+                              batch: int = 16) -> dict:
+    """D(real, own caption) - D(real, another real's caption) over ``num`` real images (batches of
+    ``batch``, each image paired with its neighbour's caption; the raw image is the real resized to
+    ``raw_resolution``, as training shows reals): the mean margin and the fraction of images whose
+    own caption scores higher. A D that ignores the text has margin 0 and fraction ~0.5."""
+    from train.sampling import BatchSampler, open_data
+    if D.config.text_dim == 0:
+        raise ValueError("this discriminator does not read text (text_dim 0): nothing to measure")
+    device = next(D.parameters()).device
+    sampler = BatchSampler(open_data(data), 1, seed)
+    margins = []
+    for part in chunks(num, batch):
+        reals = sampler.next_reals(len(part), device)
+        img = {"image": reals.img, "image_raw": resize(reals.img, raw_resolution)}
+        eot = text_encoder(reals.captions).eot.to(device)
+        margins.append((D(img, reals.c, eot) - D(img, reals.c, eot.roll(1, 0))).squeeze(1))
+    margins = torch.cat(margins)
+    return {"images": len(margins), "margin_mean": float(margins.mean()),
+            "own_caption_higher": float((margins > 0).float().mean())}
+
+
 def write_json(results: dict, path) -> None:
     """Write the results atomically."""
     atomic_write(path, json.dumps(results, indent=2) + "\n")
@@ -498,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if argv[:1] in (["prior"], ["text"]):
         from train.evaluate_world import main as world_main
         return world_main(argv)
+    if argv[:1] == ["discriminator"]:
+        return _discriminator_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0],
                                 epilog="The synthetic world's prior and text-model metrics: "
                                        "`python -m train.evaluate prior --help`, `... text --help`.")
@@ -526,6 +555,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_json(results, args.out)
     print(f"\nwrote {args.out}")
     return results
+
+
+def _discriminator_main(argv: Sequence[str]) -> dict:
+    from dreamportrait.discriminator import DualDiscriminator
+    from dreamportrait.text_encoder import TextEncoder
+    p = argparse.ArgumentParser(prog="python -m train.evaluate discriminator",
+                                description="Does a text-reading discriminator read the text? Its logit on real "
+                                            "images with their own caption minus with another image's.")
+    p.add_argument("discriminator", help="discriminator.safetensors of a run with STAGE.text_discriminator=true")
+    p.add_argument("--data", required=True, help="EG3D-layout data set with captions.json (held-out images)")
+    p.add_argument("--minilm", default="sentence-transformers/all-MiniLM-L6-v2",
+                   help="the text encoder the run read: all-MiniLM-L6-v2's name or folder")
+    p.add_argument("--num", type=int, default=128, help="real images (default 128)")
+    p.add_argument("--raw-resolution", type=int, default=32,
+                   help="the run's neural rendering resolution (default 32: the synthetic-tiny preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON output")
+    args = p.parse_args(argv)
+    result = discriminator_text_margin(DualDiscriminator.from_pretrained(args.discriminator),
+                                       TextEncoder.from_minilm(args.minilm), args.data, args.num,
+                                       args.raw_resolution, args.seed)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_json(result, args.out)
+    return result
 
 
 if __name__ == "__main__":
