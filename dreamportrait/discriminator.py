@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .checkpoints import CheckpointError, config_from_dict, load_model_file, save_model_file
 from .layers import Conv2dLayer, FullyConnectedLayer, MappingNetwork
-from .ops import resize
+from .ops import normalize_2nd_moment, resize
 
 
 @dataclass
@@ -117,7 +117,9 @@ class DiscriminatorEpilogue(nn.Module):
 
 
 class TextProjection(nn.Module):
-    """Sentence feature -> an embedding added to the camera embedding; zero until trained."""
+    """Sentence feature -> an embedding added to the camera embedding; zero until trained. The
+    feature is normalised to unit second moment first, as StyleGAN's mapping normalises its inputs
+    (MiniLM's mean-pooled features have an RMS of about 0.27)."""
 
     def __init__(self, text_dim: int, cmap_dim: int):
         super().__init__()
@@ -126,7 +128,7 @@ class TextProjection(nn.Module):
         nn.init.zeros_(self.fc1.weight)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.fc1(self.fc0(text))
+        return self.fc1(self.fc0(normalize_2nd_moment(text)))
 
 
 class DualDiscriminator(nn.Module):
