@@ -503,6 +503,8 @@ def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_i
     assert "loss/D_mismatch" in read_log(tmp_path / "stage1")[0]
     D = DualDiscriminator.from_pretrained(tmp_path / "stage1" / DISCRIMINATOR_FILE)
     assert D.config.text_dim == 32 and D.text_mapping.fc1.weight.abs().sum() > 0  # it learned to read text
+    from train.evaluate import main as evaluate_main  # the run's own text encoder and raw resolution
+    assert evaluate_main(["discriminator", str(tmp_path / "stage1"), "--data", str(data), "--num", "4"])["images"] == 4
     other = torch.stack([reading.text_encoder(["A bald man with a full beard."]).eot[0]] * 4)
     with torch.no_grad():
         assert not torch.allclose(D(img, reals.c, cond["text"].eot), D(img, reals.c, other))

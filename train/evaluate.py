@@ -27,7 +27,7 @@ The synthetic world's prior metrics (attribute distribution, cross-view agreemen
 metrics (held-out-word accuracy, diversity, multi-view consistency) are subcommands,
 ``python -m train.evaluate prior|text ...``: see :mod:`train.evaluate_world`.
 
-``python -m train.evaluate discriminator D_FILE --data DIR`` asks whether a text-reading
+``python -m train.evaluate discriminator RUN_DIR --data DIR`` asks whether a text-reading
 discriminator (the ``STAGE.text_discriminator`` extension) reads the text: on real images, how
 much higher its logit is with the image's own caption than with another image's.
 
@@ -558,24 +558,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _discriminator_main(argv: Sequence[str]) -> dict:
+    from dreamportrait.checkpoints import DISCRIMINATOR_FILE
     from dreamportrait.discriminator import DualDiscriminator
-    from dreamportrait.text_encoder import TextEncoder
+    from dreamportrait.pipeline import DreamPortraitPipeline
     p = argparse.ArgumentParser(prog="python -m train.evaluate discriminator",
                                 description="Does a text-reading discriminator read the text? Its logit on real "
                                             "images with their own caption minus with another image's.")
-    p.add_argument("discriminator", help="discriminator.safetensors of a run with STAGE.text_discriminator=true")
+    p.add_argument("run", help="run folder of a stage with STAGE.text_discriminator=true (its discriminator, and "
+                               "its generator for the text encoder and neural rendering resolution it trained with)")
     p.add_argument("--data", required=True, help="EG3D-layout data set with captions.json (held-out images)")
-    p.add_argument("--minilm", default="sentence-transformers/all-MiniLM-L6-v2",
-                   help="the text encoder the run read: all-MiniLM-L6-v2's name or folder")
     p.add_argument("--num", type=int, default=128, help="real images (default 128)")
-    p.add_argument("--raw-resolution", type=int, default=32,
-                   help="the run's neural rendering resolution (default 32: the synthetic-tiny preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON output")
     args = p.parse_args(argv)
-    result = discriminator_text_margin(DualDiscriminator.from_pretrained(args.discriminator),
-                                       TextEncoder.from_minilm(args.minilm), args.data, args.num,
-                                       args.raw_resolution, args.seed)
+    pipe = DreamPortraitPipeline.from_pretrained(args.run)
+    if pipe.text_encoder is None:
+        raise ValueError(f"{args.run} holds a text-blind generator (a prior run): its discriminator reads no text")
+    result = discriminator_text_margin(DualDiscriminator.from_pretrained(Path(args.run) / DISCRIMINATOR_FILE),
+                                       pipe.text_encoder, args.data, args.num, pipe.info["neural_resolution"],
+                                       args.seed)
     print(json.dumps(result, indent=1))
     if args.out:
         write_json(result, args.out)

@@ -127,7 +127,7 @@ class GANLoss:
     def discriminator_loss(self, gen_z, gen_c, cond: dict, real_img, real_c, cur_nimg: int,
                            real_cond: dict | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """softplus(D(G(z))) + softplus(-D(x)); G only supplies the fakes. ``real_cond``: the reals'
-        captions' text condition (for a text-reading D)."""
+        captions' text condition; a text-reading D also gets softplus(D(x, a neighbour's caption))."""
         with torch.no_grad():
             fake = self.fakes(gen_z, gen_c, cond, cur_nimg, update_emas=True)
         loss_fake = F.softplus(self.logits(fake, gen_c, cur_nimg, cond)).mean()
