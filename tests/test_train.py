@@ -275,6 +275,27 @@ def test_run_state_round_trips_every_rng_as_plain_data(tmp_path):
     resumed.close()
 
 
+def test_resume_accepts_a_setting_added_later_only_at_its_default(tmp_path):
+    """A run saved before an option existed resumes while the option is at its default (the old
+    behaviour); set to anything else, or any saved setting changed, it is refused by name."""
+    from train.run_files import RunFiles
+    run = RunFiles(tmp_path, {"a": 1, "stage2": {"lr": 2}}, total=10, progress=False)
+    run.save({"note": "saved"})
+    run.close()
+    defaults = {"a": 0, "stage2": {"lr": 0, "new_option": False}}
+    for settings, refused in (({"new_option": True}, "stage2.new_option"), ({"lr": 3}, "stage2.lr")):
+        with pytest.raises(ValueError, match=rf"settings differ.*\['{refused}'\]"):
+            RunFiles(tmp_path, {"a": 1, "stage2": {"lr": 2, "new_option": False, **settings}}, total=10,
+                     resume=True, progress=False, defaults=defaults)
+    with pytest.raises(ValueError, match=r"settings differ.*\['stage2.new_option'\]"):  # no defaults given
+        RunFiles(tmp_path, {"a": 1, "stage2": {"lr": 2, "new_option": False}}, total=10, resume=True,
+                 progress=False)
+    resumed = RunFiles(tmp_path, {"a": 1, "stage2": {"lr": 2, "new_option": False}}, total=10, resume=True,
+                       progress=False, defaults=defaults)
+    assert resumed.state["note"] == "saved"
+    resumed.close()
+
+
 def test_save_refuses_state_that_would_not_load_as_plain_data(tmp_path):
     from train.run_files import RunFiles
     run = RunFiles(tmp_path, {}, total=10, progress=False)

@@ -166,7 +166,8 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
     # The run folder: a resumed run gets its weights, optimisers, sampler and RNG states back.
     settings = {"stage": stage, **cfg.to_dict()}
     del settings[stage]["kimg"]  # the one setting a resumed run may change: how long to train
-    run = RunFiles(run_dir, settings, total=int(st.kimg * 1000), resume=resume, progress=progress, desc=stage)
+    run = RunFiles(run_dir, settings, total=int(st.kimg * 1000), resume=resume, progress=progress, desc=stage,
+                   defaults={"stage": stage, **TrainConfig().to_dict()})
     if run.state is not None:
         for module, key in ((G, "G"), (G_ema, "G_ema"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
             if module is not None:

@@ -71,14 +71,34 @@ def check_plain(value, where: str = "state") -> None:
                         "other objects): convert it, e.g. an array with torch.from_numpy, a config with json.dumps")
 
 
+def changed_settings(saved: dict, config: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings in which ``config`` differs from ``saved``; a setting missing
+    from ``saved`` whose value in ``config`` equals its entry in ``defaults`` is unchanged."""
+    changed = []
+    for key in sorted(set(saved) | set(config)):
+        name = f"{prefix}{key}"
+        old, new, default = saved.get(key), config.get(key), defaults.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, default if isinstance(default, dict) else {}, f"{name}.")
+        elif key not in saved and key in defaults and new == default:
+            continue
+        elif old != new or (key in saved) != (key in config):
+            changed.append(name)
+    return changed
+
+
 class RunFiles:
     """Create or resume a run folder; count, log, save and restore. ``total`` is the images to train on.
 
     On resume, ``state`` is what was passed to :meth:`save` on rank 0, ``rank_state`` this rank's
-    ``rank_state``, and the global RNGs are restored."""
+    ``rank_state``, and the global RNGs are restored.
+
+    A resumed run must have the saved settings, with one allowance: ``defaults`` (the settings'
+    defaults, same layout) lets a setting that the saved run predates count as unchanged while it
+    is at its default (a new option's default is the behaviour the code had before it)."""
 
     def __init__(self, run_dir: str | Path, config: dict, total: int, resume: bool = False,
-                 progress: bool = True, desc: str = "train"):
+                 progress: bool = True, desc: str = "train", defaults: dict | None = None):
         self.dir = Path(run_dir)
         self.state_path = self.dir / STATE_FILE
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -88,7 +108,7 @@ class RunFiles:
             raise FileExistsError(f"{self.dir} already holds a run ({STATE_FILE}); pass --resume to continue it "
                                   "or choose a new --run-dir")
         if resume:
-            self._resume(config)
+            self._resume(config, defaults or {})
         self.nimg = self.state["nimg"] if self.state else 0
         self.steps = self.state["steps"] if self.state else 0
         self.total = total
@@ -107,12 +127,12 @@ class RunFiles:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=self.nimg, unit="img", unit_scale=True, desc=desc)
 
-    def _resume(self, config: dict) -> None:
+    def _resume(self, config: dict, defaults: dict) -> None:
         if not self.state_path.exists():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {self.dir}; start without --resume")
         saved = json.loads((self.dir / "config.json").read_text())
-        if saved != json.loads(json.dumps(config)):
-            changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        changed = changed_settings(saved, json.loads(json.dumps(config)), json.loads(json.dumps(defaults)))
+        if changed:
             raise ValueError(f"--resume: the settings differ from the run in {self.dir} ({changed}); "
                              "resume with the same settings or start a new --run-dir")
         try:
