@@ -1,7 +1,7 @@
 """The shipped model (checkpoints/default, what `python app.py` runs) follows a prompt.
 
 Protects the product's main job against a wrong or damaged file in checkpoints/default: for each
-of the synthetic world's five background colours (train/RESULTS.md: background 98 % on held-out
+of the synthetic world's five background colours (train/RESULTS.md: background 96 % on held-out
 captions), the image border's mean colour is nearest, among the five, to the one the prompt
 names, for several seeds; and the text, not only the seed, changes the picture.
 """
