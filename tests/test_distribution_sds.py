@@ -1,4 +1,6 @@
-"""Distribution SDS and its frozen teacher, on tiny randomly initialised teachers (CPU, seconds)."""
+"""Distribution SDS, its variational extension (a learnt baseline) and the frozen teacher, on tiny
+randomly initialised teachers (CPU, seconds)."""
+import copy
 import json
 import re
 import shutil
@@ -11,6 +13,7 @@ from dreamportrait.ops import resize
 from dreamportrait.text_encoder import TextEncoder
 from train.distribution_sds import DistributionSDS, DistributionSDSConfig, rescale_to_gaussian_norm
 from train.teacher import DiffusionTeacher, TeacherError
+from train.variational_sds import VariationalSDS, VariationalSDSConfig
 from world.tiny_teacher import TinyTeacherConfig, build_tiny_components, write_tiny_teacher_folder
 
 TINY = TinyTeacherConfig()
@@ -441,3 +444,119 @@ def test_v_prediction_teacher_is_refused(components):
     scheduler = DDPMScheduler.from_config(components["scheduler"].config, prediction_type="v_prediction")
     with pytest.raises(TeacherError, match="epsilon-prediction"):
         DiffusionTeacher(**dict(components, scheduler=scheduler))
+
+
+# Variational score distillation (train/variational_sds.py).
+
+def images(seed: int) -> torch.Tensor:
+    return torch.randn(2, 3, TINY.image_size, TINY.image_size, generator=torch.Generator().manual_seed(seed)).tanh()
+
+
+def teacher_weights(teacher) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in teacher.parameters()]
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_image_gradient_compares_the_guided_prediction_with_the_particles(linear_teacher, rescale):
+    """x.grad == 1/B J_enc^T w(t)(eps_hat - eps_phi(x_t, t, y)): the particle's conditional
+    prediction before its update replaces SDS's noise draw; then the particle takes one step."""
+    teacher = linear_teacher
+    vsd = VariationalSDS(teacher, DistributionSDSConfig(rescale_noise=rescale), VariationalSDSConfig(particle_lr=1e-2))
+    # A particle that differs from the teacher, as it does once it has fitted renders.
+    for _ in range(3):
+        vsd.fit_particle(teacher.encode_images(images(5)), teacher.encode_prompts(PROMPTS), torch.Generator().manual_seed(4))
+    particle_before = copy.deepcopy(vsd.particle)
+    x = images(1).requires_grad_(True)
+    text = teacher.encode_prompts(PROMPTS)
+    out = vsd.from_embeddings(x, text, generator=torch.Generator().manual_seed(7))
+    out.loss.backward()
+
+    draws = torch.Generator().manual_seed(7)
+    t = vsd.sample_timesteps(2, draws)
+    eps = torch.randn(2, *teacher.vae.latent_shape, generator=draws)
+    A, scale = teacher.vae.weight.detach(), teacher.vae.config.scaling_factor
+    latents = scale * (x.detach().flatten(1) @ A.T).view_as(eps)
+    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * eps
+    eps_hat = teacher.predict_noise(noisy, t, text, teacher.uncond_embedding(), 100.0)
+    with torch.no_grad():
+        eps_phi = particle_before(noisy, t, encoder_hidden_states=text).sample
+    if rescale:
+        eps_hat, eps_phi = rescale_to_gaussian_norm(eps_hat), rescale_to_gaussian_norm(eps_phi)
+    g = (1 - alpha_bar) * (eps_hat - eps_phi)
+    expected = 0.5 * scale * (g.flatten(1) @ A).view_as(x)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    # The noise draw is not what it is compared with: SDS's gradient differs.
+    assert (g - (1 - alpha_bar) * (eps_hat - (rescale_to_gaussian_norm(eps) if rescale else eps))).norm() > 0.1 * g.norm()
+    moved = [float((a - b).detach().abs().max()) for a, b in zip(vsd.particle.parameters(), particle_before.parameters())]
+    assert max(moved) > 1e-4  # the particle stepped on these renders
+    assert_teacher_untouched(teacher)
+
+
+def test_before_the_particle_learns_guidance_1_gives_no_gradient(linear_teacher):
+    """A fresh particle is the teacher's U-Net, so at guidance 1 (eps_hat = eps_text = eps_phi) the
+    step is zero, where distribution SDS's is not: what remains at higher guidance is guidance alone."""
+    teacher = linear_teacher
+    config = DistributionSDSConfig(guidance_scale=1.0)
+    text = teacher.encode_prompts(PROMPTS)
+    x = images(2)
+    vsd = VariationalSDS(teacher, config).from_embeddings(x, text, generator=torch.Generator().manual_seed(3))
+    sds = DistributionSDS(teacher, config).from_embeddings(x, text, generator=torch.Generator().manual_seed(3))
+    assert float(sds.stats["grad_norm"]) > 1.0
+    assert float(vsd.stats["grad_norm"]) < 1e-4 * float(sds.stats["grad_norm"])
+
+
+def test_the_particle_fits_the_renders_and_the_teacher_stays_frozen(linear_teacher):
+    """Repeated steps on the same renders lower the particle's denoising loss on them (fixed draws)."""
+    teacher = linear_teacher
+    frozen = teacher_weights(teacher)
+    vsd = VariationalSDS(teacher, vsd=VariationalSDSConfig(particle_lr=3e-3))
+    text, x = teacher.encode_prompts(PROMPTS), images(6)
+    latents = teacher.encode_images(x).repeat(4, 1, 1, 1)
+    text8 = text.repeat(4, 1, 1)
+
+    def denoising_loss() -> float:
+        draws = torch.Generator().manual_seed(11)
+        t = torch.randint(0, teacher.num_train_timesteps, (8,), generator=draws)
+        noise = torch.randn(latents.shape, generator=draws)
+        with torch.no_grad():
+            pred = vsd.particle(teacher.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text8).sample
+        return float(torch.nn.functional.mse_loss(pred, noise))
+
+    before = denoising_loss()
+    for step in range(12):
+        vsd(PROMPTS, x, generator=torch.Generator().manual_seed(100 + step))
+    assert denoising_loss() < 0.8 * before
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.parameters()))
+    assert_teacher_untouched(teacher)
+
+
+def test_state_round_trip_continues_exactly(linear_teacher):
+    """A particle loaded from :meth:`state_dict` (weights and Adam moments) takes the same next step."""
+    teacher = linear_teacher
+    a = VariationalSDS(teacher, vsd=VariationalSDSConfig(particle_lr=1e-2))
+    for step in range(2):
+        a(PROMPTS, images(step), generator=torch.Generator().manual_seed(step))
+    b = VariationalSDS(teacher, vsd=VariationalSDSConfig(particle_lr=1e-2))
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    out_a = a(PROMPTS, images(9), generator=torch.Generator().manual_seed(9))
+    out_b = b(PROMPTS, images(9), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(out_a.loss, out_b.loss)
+    assert all(torch.equal(p, q) for p, q in zip(a.particle.parameters(), b.particle.parameters()))
+
+
+def test_distribution_sds_keeps_no_state_and_refuses_some(linear_teacher):
+    sds = DistributionSDS(linear_teacher)
+    assert sds.state_dict() == {}
+    sds.load_state_dict({})
+    with pytest.raises(ValueError, match="keeps no state.*resume with the guidance"):
+        sds.load_state_dict(VariationalSDS(linear_teacher).state_dict())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(particle_lr=0.0), "particle_lr"),
+    (dict(particle_betas=(0.9, 1.0)), "particle_betas"),
+])
+def test_bad_particle_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VariationalSDSConfig(**kwargs)

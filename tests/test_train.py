@@ -252,9 +252,15 @@ def test_stage1_resume_draws_the_same_captions(world, tmp_path):
     assert_resume_is_exact("stage1", world[1], tmp_path, "stage1.init=null")
 
 
-def test_stage2_resume_draws_the_same_captions_and_sds_noise(world, stage1_run, tmp_path):
+@pytest.mark.parametrize("guidance", [
+    [],
+    # The particle learns fast enough here that a resumed run without its weights and Adam moments
+    # would log other losses at step 3.
+    ["guidance=variational_sds", "vsd.particle_lr=0.01"],
+], ids=["distribution_sds", "variational_sds"])
+def test_stage2_resume_draws_the_same_captions_and_sds_noise(world, stage1_run, tmp_path, guidance):
     root, data, teacher = world
-    assert_resume_is_exact("stage2", data, tmp_path, f"stage2.init={stage1_run}", f"teacher={teacher}")
+    assert_resume_is_exact("stage2", data, tmp_path, f"stage2.init={stage1_run}", f"teacher={teacher}", *guidance)
 
 
 def draws() -> tuple:
@@ -403,6 +409,8 @@ def test_every_preset_validates_for_every_stage():
                  "stage1")
     with pytest.raises(ValueError, match="needs a text encoder"):
         validate(apply_overrides(preset("synthetic-tiny"), ["text.minilm=null"]), "stage1")
+    with pytest.raises(ValueError, match="guidance='vsd' unknown; choose one of"):
+        validate(apply_overrides(preset("synthetic-tiny"), ["guidance=vsd"]), "stage2")
 
 
 def test_missing_inputs_are_clear_errors_before_any_work(world, tmp_path):

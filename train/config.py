@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from dreamportrait.text_generator import TextConditionConfig
 from train.distribution_sds import DistributionSDSConfig
 from train.gan_loss import GANLossConfig
+from train.variational_sds import VariationalSDSConfig
 
 STAGES = ("paired", "prior", "stage1", "stage2")
+GUIDANCES = ("distribution_sds", "variational_sds")  # stage 2's: the paper's, and an extension
 
 
 @dataclass
@@ -83,6 +85,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sds: DistributionSDSConfig = field(default_factory=DistributionSDSConfig)
+    guidance: str = "distribution_sds"          # or 'variational_sds' (extension; its particle: vsd.*)
+    vsd: VariationalSDSConfig = field(default_factory=VariationalSDSConfig)
     teacher: str | None = None                  # Stable-Diffusion-style pipeline folder (stage2)
     paired: PairedConfig = field(default_factory=PairedConfig)
     prior: StageConfig = field(default_factory=StageConfig)
@@ -196,6 +200,8 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     from dreamportrait.generator import GeneratorConfig, preset as generator_preset
     from train.distribution_sds import WEIGHTINGS
     st = cfg.stage(stage)
+    if cfg.guidance not in GUIDANCES:
+        raise ValueError(f"guidance={cfg.guidance!r} unknown; choose one of {GUIDANCES}")
     if isinstance(cfg.generator, str):
         generator_preset(cfg.generator)
     else:

@@ -71,9 +71,11 @@ class DistributionSDSConfig:
 
 @dataclass(kw_only=True)
 class DistributionSDSOutput(GuidanceOutput):
-    """The differentiable loss and detached statistics, plus the sampled timesteps."""
+    """The differentiable loss and detached statistics, plus the sampled timesteps and the
+    renders' latents (detached)."""
 
     timesteps: torch.Tensor
+    latents: torch.Tensor
 
 
 def rescale_to_gaussian_norm(noise: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,12 @@ class DistributionSDS(Guidance):
         return torch.randint(self.min_step, self.max_step + 1, (batch,), generator=generator,
                              device=self.teacher.device)
 
+    def baseline(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
+                 noise: torch.Tensor) -> torch.Tensor:
+        """What the guided prediction is compared with: SDS's own noise draw (variational score
+        distillation, :mod:`train.variational_sds`, replaces it with a learnt prediction)."""
+        return noise
+
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """w(t) for the configured weighting, shape (B,)."""
         return WEIGHTINGS[self.config.weighting](self.teacher.alphas_cumprod[timesteps])
@@ -140,9 +148,10 @@ class DistributionSDS(Guidance):
         noisy = teacher.scheduler.add_noise(latents.detach(), noise, timesteps)
         eps_hat = teacher.predict_noise(noisy, timesteps, text_emb, uncond_emb, config.guidance_scale)
         eps_hat_norm = eps_hat.flatten(1).norm(dim=1).mean()
+        baseline = self.baseline(noisy, timesteps, text_emb, noise)
         if config.rescale_noise:
-            eps_hat, noise = rescale_to_gaussian_norm(eps_hat), rescale_to_gaussian_norm(noise)
-        grad = self.weights(timesteps).view(-1, 1, 1, 1) * (eps_hat - noise)
+            eps_hat, baseline = rescale_to_gaussian_norm(eps_hat), rescale_to_gaussian_norm(baseline)
+        grad = self.weights(timesteps).view(-1, 1, 1, 1) * (eps_hat - baseline)
         grad = torch.nan_to_num(grad)
         if config.grad_clamp is not None:
             grad = grad.clamp(-config.grad_clamp, config.grad_clamp)
@@ -153,4 +162,4 @@ class DistributionSDS(Guidance):
             "grad_norm": grad.flatten(1).norm(dim=1).mean(),
             "eps_hat_norm": eps_hat_norm,
         }
-        return DistributionSDSOutput(loss=loss, timesteps=timesteps, stats=stats)
+        return DistributionSDSOutput(loss=loss, timesteps=timesteps, latents=latents.detach(), stats=stats)

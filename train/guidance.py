@@ -4,8 +4,10 @@ A guidance takes the prompts and the rendered images (B, 3, H, W) in [-1, 1] and
 scalar loss whose gradient with respect to the images is the guidance, plus detached statistics
 to log. It owns whatever it needs to read the prompts (its own text encoder and embedding
 cache), so the training loop hands it strings. Stage 2's generator objective is
-``gan_weight * GAN + guidance``; distribution SDS (:mod:`train.distribution_sds`) is the one
-implemented here, another prior is another subclass.
+``gan_weight * GAN + guidance``; distribution SDS (:mod:`train.distribution_sds`) is the
+paper's, variational score distillation (:mod:`train.variational_sds`) an extension; another
+prior is another subclass. A guidance that learns as it goes keeps its state in
+:meth:`Guidance.state_dict`, which the run saves and a resumed run loads.
 """
 from __future__ import annotations
 
@@ -29,3 +31,12 @@ class Guidance(ABC):
     @abstractmethod
     def __call__(self, prompts: list[str], images: torch.Tensor) -> GuidanceOutput:
         """The loss for ``images`` (B, 3, H, W) in [-1, 1] rendered for ``prompts`` (B strings)."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs back (tensors, numbers, strings, lists and dicts); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"the {self.name} guidance keeps no state, but the run holds some for it "
+                             f"({sorted(state)}); resume with the guidance the run was started with")

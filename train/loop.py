@@ -1,10 +1,10 @@
 """The training loop of every stage, top to bottom.
 
 Each optimiser step runs EG3D's phases: G main (the generator's objective ``gan_weight * GAN +
-guidance``; the guidance is distribution SDS in stage 2, none before), G density regularisation
-every ``g_reg_interval`` steps, D main, D R1 every ``d_reg_interval`` steps, with
-lazy-regularisation learning-rate/beta adjustment and gradient averaging across ranks; then the
-generator's EMA. Draws follow EG3D's schedule: per step, one micro-batch of reals for each of the
+guidance``; the guidance is distribution SDS in stage 2, or its variational extension, none
+before), G density regularisation every ``g_reg_interval`` steps, D main, D R1 every
+``d_reg_interval`` steps, with lazy-regularisation learning-rate/beta adjustment and gradient
+averaging across ranks; then the generator's EMA. Draws follow EG3D's schedule: per step, one micro-batch of reals for each of the
 ``grad_accum`` micro-batches, shared by all phases; per phase that generates (G main, G reg,
 D main), fresh fakes (z, camera, caption) for each micro-batch and their captions' text
 condition, so D main never judges the samples G main has just optimised. The run folder
@@ -139,7 +139,8 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
     # Data and models; everything that can fail on bad input fails here, before any training work.
     data = open_data(cfg.data)
     torch.manual_seed(cfg.seed)  # the same new modules on every rank and in every run
-    models = build_models(cfg, stage, info.device, data.resolution)
+    models = build_models(cfg, stage, info.device, data.resolution,
+                          average_gradients=lambda params: average_gradients(params, info))
     G, D, text_encoder, guidance = models.G, models.D, models.text_encoder, models.guidance
     broadcast_module(G, info)
     broadcast_module(D, info)
@@ -172,12 +173,15 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
         for module, key in ((G, "G"), (G_ema, "G_ema"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
             if module is not None:
                 module.load_state_dict(run.state[key])
+        if guidance is not None:  # a run saved before guidances had state holds none
+            guidance.load_state_dict(run.state.get("guidance", {}))
         sampler.load_state_dict(run.rank_state["sampler"])
     average_buffers = BufferAverager(G, info)  # only what training changes (w_avg), not the constants
 
     def checkpoint():
         run.save({"G": G.state_dict(), "G_ema": G_ema.state_dict(), "D": D.state_dict(),
-                  "opt_G": opt_G.state_dict() if opt_G else {}, "opt_D": opt_D.state_dict() if opt_D else {}},
+                  "opt_G": opt_G.state_dict() if opt_G else {}, "opt_D": opt_D.state_dict() if opt_D else {},
+                 "guidance": guidance.state_dict() if guidance is not None else {}},
                  rank_state={"sampler": sampler.state_dict()})
         if run.is_main:
             export(run_dir, G_ema, D, text_encoder, cfg, stage, run.nimg, models.init_kimg_total)

@@ -6,13 +6,15 @@ work starts, and exported as the files the next stage, the app and evaluation lo
 - the dual discriminator (from the ``init`` folder when it has one, else fresh), given the text
   projection when the stage asks for it (``STAGE.text_discriminator``, an extension);
 - the frozen text encoder the generator reads (stages 1 and 2);
-- the guidance (stage 2: distribution SDS from the diffusion teacher).
+- the guidance (stage 2: distribution SDS from the diffusion teacher, or the variational
+  extension, ``guidance=variational_sds``).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +23,7 @@ from dreamportrait.discriminator import DiscriminatorConfig, DualDiscriminator
 from dreamportrait.generator import GeneratorConfig, TriPlaneGenerator, preset
 from dreamportrait.text_encoder import TextEncoder
 from dreamportrait.text_generator import DreamPortraitGenerator
-from train.config import TextConfig, TrainConfig
+from train.config import GUIDANCES, TextConfig, TrainConfig
 from train.guidance import Guidance
 
 
@@ -102,8 +104,25 @@ def _text_discriminator(D: DualDiscriminator, want: bool, text_encoder: TextEnco
     return grown
 
 
-def build_models(cfg: TrainConfig, stage: str, device: torch.device, data_resolution: int) -> Models:
-    """Validate the inputs of ``stage`` (init folder, text encoder, teacher) and build its models."""
+def build_guidance(cfg: TrainConfig, teacher_folder: Path, device: torch.device,
+                   average_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None) -> Guidance:
+    """Stage 2's guidance from the teacher folder (``average_gradients``: across ranks, for a
+    guidance that trains a network of its own)."""
+    from train.teacher import DiffusionTeacher
+    teacher = DiffusionTeacher.from_pretrained(teacher_folder, device=device)
+    if cfg.guidance == "distribution_sds":
+        from train.distribution_sds import DistributionSDS
+        return DistributionSDS(teacher, cfg.sds)
+    from train.variational_sds import VariationalSDS
+    return VariationalSDS(teacher, cfg.sds, cfg.vsd, average_gradients=average_gradients)
+
+
+def build_models(cfg: TrainConfig, stage: str, device: torch.device, data_resolution: int,
+                 average_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None) -> Models:
+    """Validate the inputs of ``stage`` (init folder, text encoder, teacher) and build its models
+    (``average_gradients``: what a guidance that trains its own network averages its gradients with)."""
+    if cfg.guidance not in GUIDANCES:
+        raise ValueError(f"guidance={cfg.guidance!r} unknown; choose one of {GUIDANCES}")
     teacher_folder = None
     if stage == "stage2":
         from train.teacher import check_teacher_folder, resolve_teacher_folder
@@ -143,9 +162,7 @@ def build_models(cfg: TrainConfig, stage: str, device: torch.device, data_resolu
                          f"{G.config.img_resolution}; write the data set at the generator's resolution")
     guidance = None
     if stage == "stage2":
-        from train.distribution_sds import DistributionSDS
-        from train.teacher import DiffusionTeacher
-        guidance = DistributionSDS(DiffusionTeacher.from_pretrained(teacher_folder, device=device), cfg.sds)
+        guidance = build_guidance(cfg, teacher_folder, device, average_gradients)
     return Models(G.to(device).train(), D.to(device).train(), text_encoder, guidance, init_kimg_total)
 
 
