@@ -76,6 +76,21 @@ def assert_teacher_untouched(teacher):
     assert not any(m.training for m in (teacher.unet, teacher.vae, teacher.text_encoder))
 
 
+def replay_step(sds, teacher, images, text, seed: int):
+    """The step's draws with a linear-encoder teacher, recomputed independently in the documented
+    order (timesteps, then noise): t, eps, the encoder's matrix A and scale, alpha_bar_t, x_t and
+    the guided prediction at guidance 100."""
+    draws = torch.Generator().manual_seed(seed)
+    t = sds.sample_timesteps(images.shape[0], draws)
+    eps = torch.randn(images.shape[0], *teacher.vae.latent_shape, generator=draws)
+    A, scale = teacher.vae.weight.detach(), teacher.vae.config.scaling_factor
+    latents = scale * (images.detach().flatten(1) @ A.T).view_as(eps)
+    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)  # fp32 as in the step: guidance 100
+    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * eps
+    eps_hat = teacher.predict_noise(noisy, t, text, teacher.uncond_embedding(), 100.0)
+    return t, eps, A, scale, alpha_bar, noisy, eps_hat
+
+
 @pytest.mark.parametrize("weighting, rescale, clamp, loss_weight", [
     ("1-alpha_bar", True, None, 1.0),
     ("uniform", False, None, 0.5),
@@ -94,16 +109,8 @@ def test_image_gradient_equals_encoder_jacobian_transpose_times_sds_direction(
     out = sds.from_embeddings(images, text, generator=torch.Generator().manual_seed(7))
     out.loss.backward()
 
-    # The same draws, in the documented order: timesteps, then noise.
-    draws = torch.Generator().manual_seed(7)
-    t = sds.sample_timesteps(2, draws)
-    eps = torch.randn(2, *teacher.vae.latent_shape, generator=draws)
+    t, eps, A, scale, alpha_bar, noisy, eps_hat = replay_step(sds, teacher, images, text, seed=7)
     assert torch.equal(t, out.timesteps)
-    A, scale = teacher.vae.weight.detach(), teacher.vae.config.scaling_factor
-    latents = scale * (images.detach().flatten(1) @ A.T).view_as(eps)
-    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)  # fp32 as in the step: guidance 100
-    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * eps
-    eps_hat = teacher.predict_noise(noisy, t, text, teacher.uncond_embedding(), 100.0)
     if rescale:
         unit = lambda v: v * (v[0].numel() ** 0.5) / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         eps_hat, eps = unit(eps_hat), unit(eps)
@@ -471,14 +478,7 @@ def test_image_gradient_compares_the_guided_prediction_with_the_particles(linear
     out = vsd.from_embeddings(x, text, generator=torch.Generator().manual_seed(7))
     out.loss.backward()
 
-    draws = torch.Generator().manual_seed(7)
-    t = vsd.sample_timesteps(2, draws)
-    eps = torch.randn(2, *teacher.vae.latent_shape, generator=draws)
-    A, scale = teacher.vae.weight.detach(), teacher.vae.config.scaling_factor
-    latents = scale * (x.detach().flatten(1) @ A.T).view_as(eps)
-    alpha_bar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * eps
-    eps_hat = teacher.predict_noise(noisy, t, text, teacher.uncond_embedding(), 100.0)
+    t, eps, A, scale, alpha_bar, noisy, eps_hat = replay_step(vsd, teacher, x, text, seed=7)
     with torch.no_grad():
         eps_phi = particle_before(noisy, t, encoder_hidden_states=text).sample
     if rescale:
