@@ -15,7 +15,9 @@ for rendered images x = g(theta, z, y) in [-1, 1]:
    the magnitude of a unit-variance difference and the step keeps only the guided direction,
    so the gradient stays far inside fp16 range for any scale (StyleGANFusion normalises over
    the whole batch, "no batch support"; here each sample is normalised on its own);
-6. g = w(t) * (eps_hat - eps), then nan_to_num and an optional element-wise clamp;
+6. g = w(t) * (eps_hat - eps), then nan_to_num and an optional element-wise clamp (eps is the
+   step's baseline, :meth:`DistributionSDS.baseline`: the noise draw here, a learnt prediction in
+   :mod:`train.variational_sds`);
 7. surrogate loss = loss_weight * 0.5 * sum((x' - sg(x' - g))^2) / B: a per-sample sum over
    latent elements and a batch mean, so d loss / d x' = loss_weight * g / B (up to fp32
    rounding of x' - (x' - g)) and the loss value is loss_weight * 0.5 * ||g||^2 / B, which is
