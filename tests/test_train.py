@@ -168,19 +168,36 @@ def weights_digest(module) -> str:
     return h.hexdigest()
 
 
-def test_two_gloo_ranks_via_torchrun_end_with_identical_weights(world, tmp_path):
-    root, data, _ = world
+def torchrun_two_ranks(stage, data, run_dir, *overrides) -> list[dict]:
+    """Train STAGE with two gloo ranks; each rank's digests of what it ended with."""
     script = Path(__file__).with_name("train_dist_worker.py")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), "train", str(data), str(tmp_path / "run"), *FAST, "prior.kimg=0.012"]
+           str(script), "train", stage, str(data), str(run_dir), *FAST, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    digests = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_gloo_ranks_via_torchrun_end_with_identical_weights(world, tmp_path):
+    root, data, _ = world
+    digests = torchrun_two_ranks("prior", data, tmp_path / "run", "prior.kimg=0.012")
     assert digests[0]["steps"] == digests[1]["steps"] == 3
     assert digests[0]["G"] == digests[1]["G"] and digests[0]["D"] == digests[1]["D"]
     assert digests[0]["G"] != digests[0]["G_init"]  # they trained
     assert (tmp_path / "run" / "generator.safetensors").exists()
+
+
+def test_two_gloo_ranks_keep_one_vsd_particle(world, stage1_run, tmp_path):
+    """Each rank fits the particle on its own renders; its gradients are averaged over the ranks, so
+    the replicas' particles (and generators) stay identical while they train."""
+    root, data, teacher = world
+    digests = torchrun_two_ranks("stage2", data, tmp_path / "run", "stage2.kimg=0.008", f"stage2.init={stage1_run}",
+                                 f"teacher={teacher}", "guidance=variational_sds", "vsd.particle_lr=0.01")
+    assert digests[0]["steps"] == digests[1]["steps"] == 2
+    assert digests[0]["particle"] == digests[1]["particle"]
+    assert digests[0]["particle"] != digests[0]["particle_init"]  # it trained
+    assert digests[0]["G"] == digests[1]["G"] and digests[0]["D"] == digests[1]["D"]
 
 
 def test_two_gloo_ranks_average_w_avg_but_never_send_constant_buffers(tmp_path):

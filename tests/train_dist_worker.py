@@ -1,7 +1,8 @@
 """Run by tests/test_train.py under torchrun, in one of two modes:
 
-* ``train DATA RUN_DIR OVERRIDES...``: train a few prior steps, then each rank writes a digest of
-  its weights so the test can check that all replicas ended identical.
+* ``train STAGE DATA RUN_DIR OVERRIDES...``: train a few steps of STAGE, then each rank writes a
+  digest of its weights (and of the guidance's particle, when it has one) so the test can check
+  that all replicas ended identical.
 * ``buffers OUT_DIR``: each rank gives a generator's constant buffers rank-specific values, updates
   its w_avg from its own latents and averages the buffers, then writes what it holds.
 """
@@ -16,7 +17,7 @@ from test_train import config, weights_digest  # noqa: E402  (tests/ is on sys.p
 from train import loop
 
 
-def train(data, run_dir, *overrides):
+def train(stage, data, run_dir, *overrides):
     cfg = config(data, *overrides)
     init = {}
     build = loop.build_models
@@ -24,12 +25,17 @@ def train(data, run_dir, *overrides):
     def recording_build(*args, **kwargs):
         built = build(*args, **kwargs)
         init["G"] = weights_digest(built.G)
+        init["guidance"] = built.guidance
+        if hasattr(built.guidance, "particle"):
+            init["particle"] = weights_digest(built.guidance.particle)
         return built
     loop.build_models = recording_build
-    result = loop.train(cfg, "prior", Path(run_dir), progress=False)
+    result = loop.train(cfg, stage, Path(run_dir), progress=False)
     rank = int(os.environ["RANK"])
     out = {"steps": result.cur_nimg // cfg.batch, "G": weights_digest(result.G), "D": weights_digest(result.D),
            "G_init": init["G"]}
+    if "particle" in init:
+        out.update(particle_init=init["particle"], particle=weights_digest(init["guidance"].particle))
     Path(run_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 
