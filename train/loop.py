@@ -5,9 +5,10 @@ guidance``; the guidance is distribution SDS in stage 2, or its variational exte
 before), G density regularisation every ``g_reg_interval`` steps, D main, D R1 every
 ``d_reg_interval`` steps, with lazy-regularisation learning-rate/beta adjustment and gradient
 averaging across ranks; then the generator's EMA. Draws follow EG3D's schedule: per step, one
-micro-batch of reals for each of the ``grad_accum`` micro-batches, shared by all phases; per phase that generates (G main, G reg,
-D main), fresh fakes (z, camera, caption) for each micro-batch and their captions' text
-condition, so D main never judges the samples G main has just optimised. The run folder
+micro-batch of reals for each of the ``grad_accum`` micro-batches, shared by all phases; per
+phase that generates (G main, G reg, D main), fresh fakes (z, camera, caption) for each
+micro-batch and their captions' text condition, so D main never judges the samples G main has
+just optimised. The run folder
 (:class:`RunFiles`) logs every step and checkpoints atomically, so ``resume=True`` continues
 exactly.
 """
