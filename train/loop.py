@@ -8,9 +8,8 @@ averaging across ranks; then the generator's EMA. Draws follow EG3D's schedule: 
 micro-batch of reals for each of the ``grad_accum`` micro-batches, shared by all phases; per
 phase that generates (G main, G reg, D main), fresh fakes (z, camera, caption) for each
 micro-batch and their captions' text condition, so D main never judges the samples G main has
-just optimised. The run folder
-(:class:`RunFiles`) logs every step and checkpoints atomically, so ``resume=True`` continues
-exactly.
+just optimised. The run folder (:class:`RunFiles`) logs every step and checkpoints atomically,
+so ``resume=True`` continues exactly.
 """
 from __future__ import annotations
 
