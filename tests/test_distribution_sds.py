@@ -11,6 +11,7 @@ import torch
 
 from dreamportrait.ops import resize
 from dreamportrait.text_encoder import TextEncoder
+from train.classifier_score import ClassifierScoreDistillation
 from train.distribution_sds import DistributionSDS, DistributionSDSConfig, rescale_to_gaussian_norm
 from train.teacher import DiffusionTeacher, TeacherError
 from train.variational_sds import VariationalSDS, VariationalSDSConfig
@@ -560,3 +561,43 @@ def test_distribution_sds_keeps_no_state_and_refuses_some(linear_teacher):
 def test_bad_particle_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VariationalSDSConfig(**kwargs)
+
+
+# Classifier score distillation (train/classifier_score.py).
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_classifier_score_step_is_the_guidance_term_alone(linear_teacher, rescale):
+    """x.grad == 1/B J_enc^T w(t) k (eps_hat - eps_uncond) = ... k s (eps_text - eps_uncond), with k
+    the factor that gives eps_hat a unit Gaussian's norm (1 without rescaling): no noise draw in it."""
+    teacher = linear_teacher
+    csd = ClassifierScoreDistillation(teacher, DistributionSDSConfig(rescale_noise=rescale))
+    x = images(1).requires_grad_(True)
+    text = teacher.encode_prompts(PROMPTS)
+    out = csd.from_embeddings(x, text, generator=torch.Generator().manual_seed(7))
+    out.loss.backward()
+
+    t, eps, A, scale, alpha_bar, noisy, eps_hat = replay_step(csd, teacher, x, text, seed=7)
+    eps_uncond, eps_text = teacher.predict_noise_pair(noisy, t, text, teacher.uncond_embedding())
+    k = eps_hat[0].numel() ** 0.5 / eps_hat.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if rescale else 1.0
+    g = (1 - alpha_bar) * k * 100.0 * (eps_text - eps_uncond)
+    expected = 0.5 * scale * (g.flatten(1) @ A).view_as(x)
+    assert x.grad.abs().max() > 0
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    # SDS's step on the same draws is another one: it holds the noise draw and eps_uncond.
+    unit = rescale_to_gaussian_norm if rescale else (lambda v: v)
+    assert ((1 - alpha_bar) * (unit(eps_hat) - unit(eps)) - g).norm() > 0.1 * g.norm()
+    assert_teacher_untouched(teacher)
+
+
+def test_classifier_score_pulls_nothing_for_the_empty_prompt(linear_teacher):
+    """A prompt that says nothing (the unconditional embedding) gives a zero step, at any guidance;
+    distribution SDS still pulls the render towards the teacher's unconditional mode."""
+    teacher = linear_teacher
+    empty = teacher.uncond_embedding().expand(2, -1, -1)
+    for scale in (1.0, 7.5):
+        config = DistributionSDSConfig(guidance_scale=scale)
+        csd = ClassifierScoreDistillation(teacher, config).from_embeddings(
+            images(2), empty, generator=torch.Generator().manual_seed(3))
+        sds = DistributionSDS(teacher, config).from_embeddings(images(2), empty, generator=torch.Generator().manual_seed(3))
+        assert float(csd.stats["grad_norm"]) == 0.0 and float(csd.loss) == 0.0
+        assert float(sds.stats["grad_norm"]) > 1.0

@@ -274,7 +274,8 @@ def test_stage1_resume_draws_the_same_captions(world, tmp_path):
     # The particle learns fast enough here that a resumed run without its weights and Adam moments
     # would log other losses at step 3.
     ["guidance=variational_sds", "vsd.particle_lr=0.01"],
-], ids=["distribution_sds", "variational_sds"])
+    ["guidance=classifier_score"],
+], ids=["distribution_sds", "variational_sds", "classifier_score"])
 def test_stage2_resume_draws_the_same_captions_and_sds_noise(world, stage1_run, tmp_path, guidance):
     root, data, teacher = world
     assert_resume_is_exact("stage2", data, tmp_path, f"stage2.init={stage1_run}", f"teacher={teacher}", *guidance)

@@ -19,7 +19,7 @@ from train.gan_loss import GANLossConfig
 from train.variational_sds import VariationalSDSConfig
 
 STAGES = ("paired", "prior", "stage1", "stage2")
-GUIDANCES = ("distribution_sds", "variational_sds")  # stage 2's: the paper's, and an extension
+GUIDANCES = ("distribution_sds", "variational_sds", "classifier_score")  # stage 2's: the paper's, and two extensions
 
 
 @dataclass
@@ -85,7 +85,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sds: DistributionSDSConfig = field(default_factory=DistributionSDSConfig)
-    guidance: str = "distribution_sds"          # or 'variational_sds' (extension; its particle: vsd.*)
+    guidance: str = "distribution_sds"          # or 'variational_sds' (its particle: vsd.*), 'classifier_score' (extensions)
     vsd: VariationalSDSConfig = field(default_factory=VariationalSDSConfig)
     teacher: str | None = None                  # Stable-Diffusion-style pipeline folder (stage2)
     paired: PairedConfig = field(default_factory=PairedConfig)

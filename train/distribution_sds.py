@@ -80,10 +80,16 @@ class DistributionSDSOutput(GuidanceOutput):
     latents: torch.Tensor
 
 
+def gaussian_norm_factor(noise: torch.Tensor) -> torch.Tensor:
+    """Per sample of (B, C, H, W), the factor that scales it to L2 norm sqrt(C*H*W), the norm of a
+    unit Gaussian draw; shape (B, 1, 1, 1)."""
+    norm = noise.flatten(1).norm(dim=1).clamp_min(torch.finfo(noise.dtype).tiny)
+    return (noise[0].numel() ** 0.5 / norm).view(-1, *([1] * (noise.ndim - 1)))
+
+
 def rescale_to_gaussian_norm(noise: torch.Tensor) -> torch.Tensor:
     """Scale each sample (B, C, H, W) to L2 norm sqrt(C*H*W), the norm of a unit Gaussian draw."""
-    norm = noise.flatten(1).norm(dim=1).clamp_min(torch.finfo(noise.dtype).tiny)
-    return noise * (noise[0].numel() ** 0.5 / norm).view(-1, *([1] * (noise.ndim - 1)))
+    return noise * gaussian_norm_factor(noise)
 
 
 class DistributionSDS(Guidance):
@@ -124,10 +130,17 @@ class DistributionSDS(Guidance):
                              device=self.teacher.device)
 
     def baseline(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
-                 noise: torch.Tensor) -> torch.Tensor:
+                 noise: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
         """What the guided prediction is compared with: SDS's own noise draw (variational score
-        distillation, :mod:`train.variational_sds`, replaces it with a learnt prediction)."""
+        distillation, :mod:`train.variational_sds`, replaces it with a learnt prediction, classifier
+        score distillation, :mod:`train.classifier_score`, with the unconditional one)."""
         return noise
+
+    def difference(self, eps_hat: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+        """eps_hat - baseline, each rescaled to a unit Gaussian's norm first when configured."""
+        if self.config.rescale_noise:
+            eps_hat, baseline = rescale_to_gaussian_norm(eps_hat), rescale_to_gaussian_norm(baseline)
+        return eps_hat - baseline
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """w(t) for the configured weighting, shape (B,)."""
@@ -148,12 +161,11 @@ class DistributionSDS(Guidance):
         timesteps = self.sample_timesteps(batch, generator)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = teacher.scheduler.add_noise(latents.detach(), noise, timesteps)
-        eps_hat = teacher.predict_noise(noisy, timesteps, text_emb, uncond_emb, config.guidance_scale)
+        eps_uncond, eps_text = teacher.predict_noise_pair(noisy, timesteps, text_emb, uncond_emb)
+        eps_hat = eps_uncond + config.guidance_scale * (eps_text - eps_uncond)
         eps_hat_norm = eps_hat.flatten(1).norm(dim=1).mean()
-        baseline = self.baseline(noisy, timesteps, text_emb, noise)
-        if config.rescale_noise:
-            eps_hat, baseline = rescale_to_gaussian_norm(eps_hat), rescale_to_gaussian_norm(baseline)
-        grad = self.weights(timesteps).view(-1, 1, 1, 1) * (eps_hat - baseline)
+        baseline = self.baseline(noisy, timesteps, text_emb, noise, eps_uncond)
+        grad = self.weights(timesteps).view(-1, 1, 1, 1) * self.difference(eps_hat, baseline)
         grad = torch.nan_to_num(grad)
         if config.grad_clamp is not None:
             grad = grad.clamp(-config.grad_clamp, config.grad_clamp)

@@ -5,9 +5,10 @@ scalar loss whose gradient with respect to the images is the guidance, plus deta
 to log. It owns whatever it needs to read the prompts (its own text encoder and embedding
 cache), so the training loop hands it strings. Stage 2's generator objective is
 ``gan_weight * GAN + guidance``; distribution SDS (:mod:`train.distribution_sds`) is the
-paper's, variational score distillation (:mod:`train.variational_sds`) an extension; another
-prior is another subclass. A guidance that learns as it goes keeps its state in
-:meth:`Guidance.state_dict`, which the run saves and a resumed run loads.
+paper's, variational score distillation (:mod:`train.variational_sds`) and classifier score
+distillation (:mod:`train.classifier_score`) are extensions; another prior is another subclass.
+A guidance that learns as it goes keeps its state in :meth:`Guidance.state_dict`, which the run
+saves and a resumed run loads.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ work starts, and exported as the files the next stage, the app and evaluation lo
 - the dual discriminator (from the ``init`` folder when it has one, else fresh), given the text
   projection when the stage asks for it (``STAGE.text_discriminator``, an extension);
 - the frozen text encoder the generator reads (stages 1 and 2);
-- the guidance (stage 2: distribution SDS from the diffusion teacher, or the variational
-  extension, ``guidance=variational_sds``).
+- the guidance (stage 2: distribution SDS from the diffusion teacher, or one of two extensions,
+  ``guidance=variational_sds`` or ``guidance=classifier_score``).
 """
 from __future__ import annotations
 
@@ -113,6 +113,9 @@ def build_guidance(cfg: TrainConfig, teacher_folder: Path, device: torch.device,
     if cfg.guidance == "distribution_sds":
         from train.distribution_sds import DistributionSDS
         return DistributionSDS(teacher, cfg.sds)
+    if cfg.guidance == "classifier_score":
+        from train.classifier_score import ClassifierScoreDistillation
+        return ClassifierScoreDistillation(teacher, cfg.sds)
     from train.variational_sds import VariationalSDS
     return VariationalSDS(teacher, cfg.sds, cfg.vsd, average_gradients=average_gradients)
 

@@ -375,6 +375,14 @@ class DiffusionTeacher:
         eps_hat = eps_uncond + s * (eps_text - eps_uncond) (the diffusers / stable-dreamfusion
         convention; threestudio's eps_text + s * (...) equals this with s + 1).
         """
+        eps_uncond, eps_text = self.predict_noise_pair(latents_t, timesteps, text_emb, uncond_emb)
+        return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+
+    @torch.no_grad()
+    def predict_noise_pair(self, latents_t: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
+                           uncond_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional and the text-conditional noise predictions (eps_uncond, eps_text), fp32,
+        from one batched U-Net call, no gradient."""
         batch = latents_t.shape[0]
         if timesteps.shape != (batch,) or text_emb.shape[0] != batch:
             raise ValueError(f"predict_noise needs one timestep and one text embedding per latent: latents "
@@ -388,4 +396,4 @@ class DiffusionTeacher:
             eps = self.unet(noisy, torch.cat([timesteps, timesteps]).to(self.device),
                             encoder_hidden_states=context).sample.float()
         eps_uncond, eps_text = eps.chunk(2)
-        return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+        return eps_uncond, eps_text

@@ -71,7 +71,7 @@ class VariationalSDS(DistributionSDS):
         self.average_gradients = average_gradients
 
     @torch.no_grad()
-    def baseline(self, noisy, timesteps, text_emb, noise):
+    def baseline(self, noisy, timesteps, text_emb, noise, eps_uncond):
         """The particle's conditional noise prediction (fp32, no gradient)."""
         with self.teacher.own_precision():
             return self.particle(noisy.float(), timesteps, encoder_hidden_states=text_emb.float()).sample.float()
