@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dreamportrait.synthetic.attributes import ATTRIBUTES
 from dreamportrait.synthetic.dataset_writer import write_dataset
@@ -127,11 +128,12 @@ def test_command_line_errors_name_the_problem(data, reference_run, tmp_path, cap
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_evaluation_reports_every_attribute_at_every_view(reference_run, tmp_path, capsys):
-    out = tmp_path / "eval.json"
+def test_evaluation_reports_every_attribute_at_every_view(reference_run, tmp_path, capsys, monkeypatch):
+    out, sheet = tmp_path / "eval.json", tmp_path / "misses.png"
     judge = reference_run.parent / "export" / "judge.safetensors"
+    sheet.write_bytes(b"an earlier judge's sheet")
     assert jt.main(["evaluate", "--judge", str(judge), "--num", "5", "--seed", "3", "--out", str(out),
-                    "--no-progress"]) == 0
+                    "--misses", str(sheet), "--no-progress"]) == 0
     results = json.loads(out.read_text())
     assert list(results["per_view"]) == ["frontal", "yaw -30", "yaw +30"]
     for view in results["per_view"].values():
@@ -141,6 +143,14 @@ def test_evaluation_reports_every_attribute_at_every_view(reference_run, tmp_pat
     table = capsys.readouterr().out
     assert table.startswith("| attribute | frontal | yaw -30 | yaw +30 |")
     assert all(f"| {name} |" in table for name in ATTRIBUTES)
+    # one row per view and attribute with a miss (a judge trained this briefly misses many)
+    rows = sum(sum(1 for a in ATTRIBUTES if acc["per_attribute"][a] < 1.0)
+               for acc in json.loads(out.read_text())["per_view"].values())
+    assert rows > 0 and Image.open(sheet).size[1] == rows * (64 + 22)
+    # a judge without misses writes no sheet and leaves no earlier one standing
+    monkeypatch.setattr(jt, "misses_sheet", lambda *a, **k: None)
+    assert jt.main(["evaluate", "--judge", str(judge), "--num", "1", "--misses", str(sheet), "--no-progress"]) == 0
+    assert not sheet.exists()
 
 
 def test_misses_sheet_shows_one_row_per_missed_attribute_and_nothing_when_all_are_right():

@@ -123,10 +123,10 @@ def judge_accuracy(judge: AttributeClassifier, images: torch.Tensor, attributes:
 
 
 def misses_sheet(images: torch.Tensor, attributes: Sequence[Mapping], readings: Sequence[Mapping],
-                 per_row: int = 8) -> np.ndarray | None:
-    """A contact sheet of the judge's misses: one row per attribute with any (the attribute's name,
-    then up to ``per_row`` missed images, each captioned with the true value over the reading);
-    None when there is no miss."""
+                 per_row: int = 8, view: str = "") -> np.ndarray | None:
+    """A contact sheet of the judge's misses: one row per attribute with any (the attribute's name
+    and ``view``, then up to ``per_row`` missed images, each captioned with the true value over the
+    reading); None when there is no miss."""
     from PIL import Image, ImageDraw
     rows = {}
     for i, (truth, read) in enumerate(zip(attributes, readings)):
@@ -141,7 +141,8 @@ def misses_sheet(images: torch.Tensor, attributes: Sequence[Mapping], readings: 
     pixels = to_uint8(images)
     for r, (name, misses) in enumerate(sorted(rows.items())):
         top = r * (size + text)
-        draw.text((4, top + size // 2 - 6), name, fill="black")
+        draw.text((4, top + size // 2 - 12), name, fill="black")
+        draw.text((4, top + size // 2 + 2), view, fill="black")
         for k, (i, value, read) in enumerate(misses):
             left = label + k * size
             sheet.paste(Image.fromarray(pixels[i]), (left, top))
@@ -232,7 +233,8 @@ def evaluate_judge(judge: AttributeClassifier | str, num: int = 300, seed: int =
                    resolution: int = 64, views: Mapping[str, tuple[float, float]] = VIEWS,
                    progress: bool = True, misses: str | Path | None = None) -> dict:
     """Accuracy per view and attribute on ``num`` new identities of ``seed`` (and on those with held-out
-    pairs). ``misses``: write the frontal view's misses there as a PNG contact sheet (:func:`misses_sheet`)."""
+    pairs). ``misses``: write every view's misses there as one PNG contact sheet (:func:`misses_sheet`);
+    when there is none, a file already there (an earlier judge's sheet) is removed."""
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     path = None
@@ -245,15 +247,19 @@ def evaluate_judge(judge: AttributeClassifier | str, num: int = 300, seed: int =
     results = {"judge": path, "num": num, "seed": seed, "split": split, "resolution": resolution,
                "views": {name: {"yaw": y, "pitch": p} for name, (y, p) in views.items()},
                "per_view": {}, "heldout_combinations": {"num": len(combo), "per_view": {}}}
+    sheets = []
     for name, imgs in images.items():
         results["per_view"][name] = judge_accuracy(judge, imgs, attrs)
-        if misses and name == "frontal":
-            sheet = misses_sheet(imgs, attrs, judge.read(imgs))
-            if sheet is not None:
-                save_png(sheet, misses)
+        if misses:
+            sheets.append(misses_sheet(imgs, attrs, judge.read(imgs), view=name))
         if combo:
             results["heldout_combinations"]["per_view"][name] = judge_accuracy(
                 judge, imgs[combo], [attrs[i] for i in combo])
+    sheets = [sheet for sheet in sheets if sheet is not None]
+    if sheets:
+        save_png(np.concatenate(sheets), misses)
+    elif misses:
+        Path(misses).unlink(missing_ok=True)
     return results
 
 
@@ -308,8 +314,8 @@ def _evaluate_main(argv) -> int:
     ap.add_argument("--split", default="all", choices=("train", "heldout", "all"),
                     help="identities without / with held-out attribute pairs, or all (default)")
     ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument("--misses", help="write a PNG contact sheet of the frontal view's misses here (true value in "
-                    "green over the judge's reading in red; none written when there is no miss)")
+    ap.add_argument("--misses", help="write a PNG contact sheet of every view's misses here (true value in "
+                    "green over the judge's reading in red; none, and an earlier file removed, when there is no miss)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     results = evaluate_judge(args.judge, args.num, args.seed, args.split, progress=not args.no_progress,
