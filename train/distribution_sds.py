@@ -162,7 +162,7 @@ class DistributionSDS(Guidance):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = teacher.scheduler.add_noise(latents.detach(), noise, timesteps)
         eps_uncond, eps_text = teacher.predict_noise_pair(noisy, timesteps, text_emb, uncond_emb)
-        eps_hat = eps_uncond + config.guidance_scale * (eps_text - eps_uncond)
+        eps_hat = teacher.guide(eps_uncond, eps_text, config.guidance_scale)
         eps_hat_norm = eps_hat.flatten(1).norm(dim=1).mean()
         baseline = self.baseline(noisy, timesteps, text_emb, noise, eps_uncond)
         grad = self.weights(timesteps).view(-1, 1, 1, 1) * self.difference(eps_hat, baseline)

@@ -375,7 +375,11 @@ class DiffusionTeacher:
         eps_hat = eps_uncond + s * (eps_text - eps_uncond) (the diffusers / stable-dreamfusion
         convention; threestudio's eps_text + s * (...) equals this with s + 1).
         """
-        eps_uncond, eps_text = self.predict_noise_pair(latents_t, timesteps, text_emb, uncond_emb)
+        return self.guide(*self.predict_noise_pair(latents_t, timesteps, text_emb, uncond_emb), guidance_scale)
+
+    @staticmethod
+    def guide(eps_uncond: torch.Tensor, eps_text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance: eps_uncond + s * (eps_text - eps_uncond)."""
         return eps_uncond + guidance_scale * (eps_text - eps_uncond)
 
     @torch.no_grad()

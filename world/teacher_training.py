@@ -489,6 +489,8 @@ def denoise(unet, vae, text: torch.Tensor, empty: torch.Tensor, noise: torch.Ten
     ``guidance`` 1 runs the text branch only (eps_text).
     """
     from diffusers import DDIMScheduler
+
+    from train.teacher import DiffusionTeacher
     was_training = unet.training
     unet.eval()
     scheduler = DDIMScheduler(**SD_SCHEDULER)
@@ -501,7 +503,7 @@ def denoise(unet, vae, text: torch.Tensor, empty: torch.Tensor, noise: torch.Ten
         else:
             eps_u, eps_c = unet(torch.cat([latents, latents]), torch.cat([tt, tt]),
                                 encoder_hidden_states=torch.cat([empty, text])).sample.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
+            eps = DiffusionTeacher.guide(eps_u, eps_c, guidance)
         latents = scheduler.step(eps, t, latents).prev_sample
     unet.train(was_training)
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
