@@ -11,7 +11,7 @@ import torch
 
 from dreamportrait.ops import resize
 from dreamportrait.text_encoder import TextEncoder
-from train.classifier_score import ClassifierScoreDistillation
+from train.classifier_score import ClassifierScoreConfig, ClassifierScoreDistillation
 from train.distribution_sds import DistributionSDS, DistributionSDSConfig, rescale_to_gaussian_norm
 from train.teacher import DiffusionTeacher, TeacherError
 from train.variational_sds import VariationalSDS, VariationalSDSConfig
@@ -601,3 +601,26 @@ def test_classifier_score_pulls_nothing_for_the_empty_prompt(linear_teacher):
         sds = DistributionSDS(teacher, config).from_embeddings(images(2), empty, generator=torch.Generator().manual_seed(3))
         assert float(csd.stats["grad_norm"]) == 0.0 and float(csd.loss) == 0.0
         assert float(sds.stats["grad_norm"]) > 1.0
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_classifier_score_denoise_share_mixes_in_distribution_sds(linear_teacher, rescale):
+    """csd.denoise_share = lambda gives (1 - lambda) x the classifier score's gradient + lambda x
+    distribution SDS's on the same draws; lambda = 1 is distribution SDS itself."""
+    teacher = linear_teacher
+    config = DistributionSDSConfig(rescale_noise=rescale)
+    text = teacher.encode_prompts(PROMPTS)
+
+    def grad(guidance):
+        x = images(1).requires_grad_(True)
+        guidance.from_embeddings(x, text, generator=torch.Generator().manual_seed(5)).loss.backward()
+        return x.grad
+
+    sds, csd = grad(DistributionSDS(teacher, config)), grad(ClassifierScoreDistillation(teacher, config))
+    assert (sds - csd).norm() > 0.1 * sds.norm()
+    for share in (0.3, 1.0):
+        mixed = grad(ClassifierScoreDistillation(teacher, config, ClassifierScoreConfig(denoise_share=share)))
+        expected = (1 - share) * csd + share * sds
+        torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="denoise_share"):
+        ClassifierScoreConfig(denoise_share=1.5)

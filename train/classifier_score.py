@@ -14,31 +14,58 @@ so the text pulls each render along what the prompt says and leaves the rest of 
 GAN term, which alone keeps the renders like the world's: the stage-2 generator objective is
 ``gan_weight * GAN + CSD``. There is no noise draw in g (the noise only sets x_t), so the step has
 far less variance than SDS's. Noise rescaling, when on, scales eps_hat and eps_uncond by eps_hat's
-one factor (to a unit Gaussian's norm), so the step keeps the classifier direction exactly (scaling
-each by its own factor would add a multiple of eps_uncond to it). Everything else (timesteps, w(t),
-clamping, the loss's form, the VAE encoder's Jacobian kept and the U-Net's excluded) is
-:mod:`train.distribution_sds`'s. The guidance costs what distribution SDS costs: eps_uncond comes
-from the same batched U-Net call as eps_text.
+one factor k (to a unit Gaussian's norm), so the step keeps the classifier direction exactly (scaling
+each by its own factor would add a multiple of eps_uncond to it).
+
+``csd.denoise_share`` (lambda, default 0) adds back that share of SDS's denoising part:
+
+    g = w(t) [k (eps_hat - eps_uncond) + lambda (k eps_uncond - r(eps))],
+
+with r the rescaling (identity when off), i.e. (1 - lambda) times the classifier score plus lambda
+times SDS's own step r(eps_hat) - r(eps): lambda = 1 is distribution SDS exactly. Everything else
+(timesteps, w(t), clamping, the loss's form, the VAE encoder's Jacobian kept and the U-Net's
+excluded) is :mod:`train.distribution_sds`'s. The guidance costs what distribution SDS costs:
+eps_uncond comes from the same batched U-Net call as eps_text.
 """
+
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from train.distribution_sds import DistributionSDS, gaussian_norm_factor
+from train.distribution_sds import (DistributionSDS, DistributionSDSConfig, gaussian_norm_factor,
+                                    rescale_to_gaussian_norm)
+
+
+@dataclass(frozen=True)
+class ClassifierScoreConfig:
+    """On top of the distribution SDS settings (``sds.*``)."""
+
+    denoise_share: float = 0.0  # lambda: 0 the classifier score alone, 1 distribution SDS
+
+    def __post_init__(self):
+        if not 0.0 <= self.denoise_share <= 1.0:
+            raise ValueError(f"csd.denoise_share {self.denoise_share} must be in [0, 1] (0: the classifier "
+                             "score alone, 1: distribution SDS)")
 
 
 class ClassifierScoreDistillation(DistributionSDS):
-    """Distribution SDS with the unconditional prediction as its baseline (the guidance term alone)."""
+    """Distribution SDS with the unconditional prediction as its baseline (the guidance term alone),
+    plus ``denoise_share`` of SDS's denoising part."""
 
     name = "csd"
 
-    def baseline(self, noisy, timesteps, text_emb, noise, eps_uncond):
-        """The teacher's unconditional prediction for this x_t."""
-        return eps_uncond
+    def __init__(self, teacher, config: DistributionSDSConfig = DistributionSDSConfig(),
+                 csd: ClassifierScoreConfig = ClassifierScoreConfig(), cache_size: int = 1024):
+        super().__init__(teacher, config, cache_size)
+        self.csd = csd
 
-    def difference(self, eps_hat: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-        """eps_hat - eps_uncond, both scaled by the factor that gives eps_hat a unit Gaussian's norm
-        when rescaling is on."""
-        if self.config.rescale_noise:
-            return (eps_hat - baseline) * gaussian_norm_factor(eps_hat)
-        return eps_hat - baseline
+    def direction(self, eps_hat, eps_uncond, noise, noisy, timesteps, text_emb):
+        """k (eps_hat - eps_uncond) + lambda (k eps_uncond - r(eps)), k the factor that gives eps_hat a
+        unit Gaussian's norm and r the rescaling to it (both identity when rescaling is off)."""
+        rescale = self.config.rescale_noise
+        k = gaussian_norm_factor(eps_hat) if rescale else 1.0
+        step = k * (eps_hat - eps_uncond)
+        share = self.csd.denoise_share
+        if share:
+            step = step + share * (k * eps_uncond - (rescale_to_gaussian_norm(noise) if rescale else noise))
+        return step

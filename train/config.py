@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from dreamportrait.text_generator import TextConditionConfig
+from train.classifier_score import ClassifierScoreConfig
 from train.distribution_sds import DistributionSDSConfig
 from train.gan_loss import GANLossConfig
 from train.variational_sds import VariationalSDSConfig
@@ -85,8 +86,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sds: DistributionSDSConfig = field(default_factory=DistributionSDSConfig)
-    guidance: str = "distribution_sds"          # or 'variational_sds' (its particle: vsd.*), 'classifier_score' (extensions)
+    guidance: str = "distribution_sds"          # or 'variational_sds' (its particle: vsd.*), 'classifier_score' (csd.*) (extensions)
     vsd: VariationalSDSConfig = field(default_factory=VariationalSDSConfig)
+    csd: ClassifierScoreConfig = field(default_factory=ClassifierScoreConfig)
     teacher: str | None = None                  # Stable-Diffusion-style pipeline folder (stage2)
     paired: PairedConfig = field(default_factory=PairedConfig)
     prior: StageConfig = field(default_factory=StageConfig)

@@ -136,8 +136,11 @@ class DistributionSDS(Guidance):
         score distillation, :mod:`train.classifier_score`, with the unconditional one)."""
         return noise
 
-    def difference(self, eps_hat: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-        """eps_hat - baseline, each rescaled to a unit Gaussian's norm first when configured."""
+    def direction(self, eps_hat: torch.Tensor, eps_uncond: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
+                  timesteps: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """The step's direction before w(t): eps_hat - :meth:`baseline`, each rescaled to a unit
+        Gaussian's norm first when configured."""
+        baseline = self.baseline(noisy, timesteps, text_emb, noise, eps_uncond)
         if self.config.rescale_noise:
             eps_hat, baseline = rescale_to_gaussian_norm(eps_hat), rescale_to_gaussian_norm(baseline)
         return eps_hat - baseline
@@ -164,8 +167,8 @@ class DistributionSDS(Guidance):
         eps_uncond, eps_text = teacher.predict_noise_pair(noisy, timesteps, text_emb, uncond_emb)
         eps_hat = teacher.guide(eps_uncond, eps_text, config.guidance_scale)
         eps_hat_norm = eps_hat.flatten(1).norm(dim=1).mean()
-        baseline = self.baseline(noisy, timesteps, text_emb, noise, eps_uncond)
-        grad = self.weights(timesteps).view(-1, 1, 1, 1) * self.difference(eps_hat, baseline)
+        direction = self.direction(eps_hat, eps_uncond, noise, noisy, timesteps, text_emb)
+        grad = self.weights(timesteps).view(-1, 1, 1, 1) * direction
         grad = torch.nan_to_num(grad)
         if config.grad_clamp is not None:
             grad = grad.clamp(-config.grad_clamp, config.grad_clamp)

@@ -115,7 +115,7 @@ def build_guidance(cfg: TrainConfig, teacher_folder: Path, device: torch.device,
         return DistributionSDS(teacher, cfg.sds)
     if cfg.guidance == "classifier_score":
         from train.classifier_score import ClassifierScoreDistillation
-        return ClassifierScoreDistillation(teacher, cfg.sds)
+        return ClassifierScoreDistillation(teacher, cfg.sds, cfg.csd)
     from train.variational_sds import VariationalSDS
     return VariationalSDS(teacher, cfg.sds, cfg.vsd, average_gradients=average_gradients)
 
