@@ -14,8 +14,8 @@ import torch
 
 from dreamportrait.checkpoints import CheckpointError
 from dreamportrait.text_encoder import TextEncoder
-from world.teacher_training import (CaptionStates, TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, export_teacher, load_vae,
-                                    main, train_unet, train_vae)
+from world.teacher_training import (CaptionStates, TeacherTrainingError, UNetConfig, VAEConfig, drop_captions, drop_tokens,
+                                    export_teacher, load_vae, main, train_unet, train_vae)
 from world.data import WorldData
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "person", "with", "red", "hair", "sunglasses",
@@ -195,6 +195,32 @@ def test_caption_dropout_is_ten_percent():
     rate = sum(c == "" for c in dropped) / len(dropped)
     assert abs(rate - 0.1) < 0.01
     assert all(d in ("", c) for c, d in zip(captions, dropped))
+
+
+def test_token_dropout_zeroes_whole_positions_at_its_rate():
+    """--token-dropout zeroes a token's whole state, like padding, for about that share of the
+    positions; rate 0 leaves the states alone; a rate of 1 or more is refused."""
+    states = torch.randn(64, 77, 8) + 3.0
+    dropped = drop_tokens(states, 0.3, np.random.default_rng(0))
+    zero = (dropped == 0).all(-1)
+    assert torch.equal(dropped[~zero], states[~zero])
+    assert abs(zero.float().mean().item() - 0.3) < 0.02
+    assert drop_tokens(states, 0.0, np.random.default_rng(0)) is states
+    with pytest.raises(TeacherTrainingError, match="token_dropout"):
+        UNetConfig(token_dropout=1.0)
+
+
+def test_resume_of_a_run_that_predates_token_dropout(data, encoder, vae_folder, tmp_path):
+    """A run folder written before the setting existed resumes (token dropout 0 is its default)."""
+    vae = load_vae(vae_folder)
+    train_unet(data, vae, encoder, tmp_path, 0.004, UNET_CFG, **QUIET)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["unet"]["token_dropout"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    train_unet(data, vae, encoder, tmp_path, 0.008, UNET_CFG, resume=True, **QUIET)
+    with pytest.raises(Exception, match="token_dropout"):
+        train_unet(data, vae, encoder, tmp_path, 0.012, UNetConfig(**{**UNET_CFG.__dict__, "token_dropout": 0.2}),
+                   resume=True, **QUIET)
 
 
 def test_unet_logs_the_dropout_it_applies(data, encoder, vae_folder, tmp_path):

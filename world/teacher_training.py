@@ -219,6 +219,7 @@ class UNetConfig:
     grad_clip: float = 1.0            # max gradient norm, as SD
     warmup_kimg: float = 1.0
     caption_dropout: float = 0.1      # captions replaced by "" (the unconditional branch of guidance)
+    token_dropout: float = 0.0        # token states zeroed (like padding), each with this probability
     min_snr_gamma: float = 5.0        # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain MSE
     ema: float = 0.995                # short runs: an EMA over the last ~200 steps
     seed: int = 0
@@ -229,6 +230,8 @@ class UNetConfig:
         if bad:
             raise TeacherTrainingError(f"UNet channels {bad} must be divisible by head_dim {self.head_dim} "
                                        f"and norm_groups {self.norm_groups}")
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise TeacherTrainingError(f"token_dropout {self.token_dropout} must be in [0, 1) (--token-dropout)")
 
 
 def build_unet(cfg: UNetConfig, cross_attention_dim: int, latent_size: int, latent_channels: int):
@@ -262,6 +265,16 @@ def drop_captions(captions: Sequence[str], rate: float, rng: np.random.Generator
     """Each caption independently replaced by the empty prompt with probability ``rate``."""
     keep = rng.random(len(captions)) >= rate
     return [c if k else "" for c, k in zip(captions, keep)]
+
+
+def drop_tokens(states: torch.Tensor, rate: float, rng: np.random.Generator) -> torch.Tensor:
+    """Token states (B, L, D) with each position independently zeroed, as padding is, with
+    probability ``rate``: the U-Net must then read a word's meaning from its neighbours'
+    contextual states too, not from its own token alone."""
+    if rate == 0:
+        return states
+    keep = torch.from_numpy(rng.random(states.shape[:2]) >= rate).to(states.dtype)
+    return states * keep.unsqueeze(-1)
 
 
 def load_vae(folder):
@@ -396,7 +409,8 @@ def train_unet(data: WorldData, vae, encoder: TextEncoder, run_dir, kimg: float,
               "vae_scaling_factor": float(vae.config.scaling_factor), "text_encoder": identity, "unet": asdict(cfg)}
     if init_unet:
         config["init_unet"] = str(init_unet)
-    run = RunFiles(run_dir, config, total=int(kimg * 1000), resume=resume, progress=progress, desc="unet")
+    run = RunFiles(run_dir, config, total=int(kimg * 1000), resume=resume, progress=progress, desc="unet",
+                   defaults={"unet": asdict(UNetConfig())})
     if not (run_dir / "reconstruction.json").is_file():  # a VAE kept from earlier renders, on these ones
         recon = reconstruction_error(vae, data.float_images(np.arange(min(len(data), 256))))
         atomic_write(run_dir / "reconstruction.json",
@@ -443,7 +457,7 @@ def train_unet(data: WorldData, vae, encoder: TextEncoder, run_dir, kimg: float,
         t = torch.randint(0, len(alphas), (cfg.batch,))
         noisy = scheduler.add_noise(latents, noise, t)
         _warmup_lr(opt, cfg.lr, run.nimg, cfg.warmup_kimg)
-        pred = unet(noisy, t, encoder_hidden_states=text(prompts)).sample
+        pred = unet(noisy, t, encoder_hidden_states=drop_tokens(text(prompts), cfg.token_dropout, rng)).sample
         per_sample = (pred - noise).pow(2).flatten(1).mean(1)
         loss = (per_sample * min_snr_weight(alphas, t, cfg.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
@@ -708,7 +722,8 @@ def _cmd_vae(args) -> None:
 
 def _cmd_unet(args) -> None:
     cfg = UNetConfig(channels=tuple(args.channels), layers_per_block=args.layers_per_block,
-                     norm_groups=args.norm_groups, batch=args.batch, lr=args.lr, seed=args.seed)
+                     norm_groups=args.norm_groups, batch=args.batch, lr=args.lr, token_dropout=args.token_dropout,
+                     seed=args.seed)
     should_stop = _stop_condition(args)
     data = _load_data(args.data)
     vae = load_vae(args.vae)
@@ -827,6 +842,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--norm-groups", type=int, default=UNetConfig.norm_groups)
     p.add_argument("--batch", type=int, default=UNetConfig.batch)
     p.add_argument("--lr", type=float, default=UNetConfig.lr)
+    p.add_argument("--token-dropout", type=float, default=UNetConfig.token_dropout,
+                   help="zero each token state of a caption with this probability in training (default 0)")
     p.set_defaults(func=_cmd_unet)
 
     p = sub.add_parser("evaluate", help="attribute accuracy of teacher samples (read by the judge)")
