@@ -1,6 +1,5 @@
 """The world's CLIP (locked text tower + tuned image tower): its file, training, evaluation and loading
 by ``train.evaluate``; and the earlier small open_clip CLIP's folder, which still loads."""
-import functools
 import importlib.util
 import json
 
@@ -14,6 +13,7 @@ from dreamportrait.synthetic.attributes import sample_identities
 from dreamportrait.synthetic.captions import make_caption, parse_caption
 from dreamportrait.synthetic.lit_clip import KIND, LIT_CLIP_FILE, LitClip, LitClipConfig
 from dreamportrait.text_encoder import TextEncoder, save_sd_text_encoder
+from text_fixtures import tiny_bert_encoder
 from train import evaluate as ev
 from train.data import DatasetError
 from train_data import write_tiny_dataset
@@ -24,29 +24,6 @@ from world.data import WorldData
 TINY_ARCH = {"resolution": 32, "channels": [8, 16], "embed_dim": 16, "norm_groups": 4}
 TINY_RUN = dict(kimg=0.096, batch=8, lr=3e-3, warmup_kimg=0.008, fresh_captions=2, clip=TINY_ARCH,
                 progress=False, checkpoint_seconds=1e9)
-
-
-@functools.lru_cache(maxsize=1)
-def _caption_words() -> tuple[str, ...]:
-    """The words of the world's captions (a tiny BERT vocabulary that knows them all)."""
-    from transformers import BasicTokenizer
-    words = set()
-    for ident in sample_identities(0, 300, split="all"):
-        rng = np.random.default_rng(ident.seed)
-        for k in (2, 4, 99):
-            words.update(BasicTokenizer(do_lower_case=True).tokenize(make_caption(ident.attributes, rng, mentions=k)))
-    return tuple(sorted(words))
-
-
-def tiny_bert_encoder(seed: int) -> TextEncoder:
-    """A random small BertModel read like all-MiniLM-L6-v2 (TextEncoder.from_bert), as in test_text_encoder."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_caption_words()]
-    torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=128))
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    return TextEncoder.from_bert(model, tokenizer, {"source": "test", "name": "test/tiny-bert", "sha256": f"{seed:064d}"})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from dreamportrait.synthetic.attributes import sample_identities
 from dreamportrait.synthetic.captions import make_caption
-from test_clip_training import tiny_bert_encoder
+from text_fixtures import tiny_bert_encoder
 from train.evaluate import attribute_accuracy, mentioned_attributes
 from train_data import write_tiny_dataset
 from world.text_probe import READERS, Reader, encode, fit_readers, probe, read
@@ -32,11 +32,9 @@ def test_readers_learn_attributes_that_new_identities_captions_name(kind):
     encoder = tiny_bert_encoder(0)
     captions, mentioned = captions_of(1, 150)
     test_captions, test_mentioned = captions_of(2, 40)
-    features = encode(encoder, test_captions)
-    trained = attribute_accuracy(read(fit_readers(encode(encoder, captions), mentioned, kind, steps=150), features),
-                                 test_mentioned)
-    untrained = attribute_accuracy(read(fit_readers(encode(encoder, captions), mentioned, kind, steps=0), features),
-                                   test_mentioned)
+    train_features, features = encode(encoder, captions), encode(encoder, test_captions)
+    trained = attribute_accuracy(read(fit_readers(train_features, mentioned, kind, steps=150), features), test_mentioned)
+    untrained = attribute_accuracy(read(fit_readers(train_features, mentioned, kind, steps=0), features), test_mentioned)
     assert trained["mean"] > 0.6, trained
     assert trained["mean"] > untrained["mean"] + 0.2, (trained["mean"], untrained["mean"])
 
