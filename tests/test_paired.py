@@ -50,6 +50,35 @@ def test_gaussian_latents_name_attributes_with_the_worlds_exact_distribution():
         attributes_from_latent(np.zeros(5))
 
 
+def test_a_latent_completes_given_attributes_with_values_that_fit_them():
+    """attributes_from_latent(z, given): the given values stay; the others come from z among the
+    values that fit them (none hides a given attribute, makes it impossible or forms a held-out
+    pair); with nothing given it is the plain map, and unrelated attributes keep the world's odds."""
+    rng = np.random.default_rng(2)
+    zs = rng.standard_normal((3000, LATENT_DIMS))
+    assert all(attributes_from_latent(z, {}) == attributes_from_latent(z) for z in zs[:200])
+    cases = [{"eye_color": "blue", "chin": "pointed", "hair_color": "red"},   # no sunglasses, full beard, bald
+             {"beard": "full beard"}, {"lips": "red lipstick"},              # only men / only women
+             {"hair_color": "white"}, {"glasses": "sunglasses"}]             # held-out partners: young; red hair
+    for given in cases:
+        drawn = [attributes_from_latent(z, given) for z in zs]
+        assert all(a[n] == v for a in drawn for n, v in given.items()), given
+        assert all(in_split(a, "train") for a in drawn), given
+        for a in drawn:
+            assert a["glasses"] != "sunglasses" or "eye_color" not in given
+            assert a["beard"] != "full beard" or "chin" not in given
+            assert a["hair_style"] != "bald" or "hair_color" not in given
+        if "beard" in given:
+            assert {a["gender"] for a in drawn} == {"man"}
+        if "lips" in given:
+            assert {a["gender"] for a in drawn} == {"woman"}
+        background = [a["background"] for a in drawn]
+        assert max(abs(background.count(v) / len(drawn) - 0.2) for v in ATTRIBUTES["background"]) < 0.03
+    assert len({attributes_from_latent(z, {"gender": "man"})["age"] for z in zs[:50]}) == 3  # z still decides
+    with pytest.raises(ValueError, match="not a value"):
+        attributes_from_latent(zs[0], {"beard": "goatee"})
+
+
 def test_paired_batches_are_a_function_of_seed_and_step_and_hold_training_identities_only():
     a, b, c = (paired_batch(0, s, 6, 32, 16) for s in (3, 3, 4))
     assert torch.equal(a.z, b.z) and torch.equal(a.c, b.c) and torch.equal(a.target, b.target)

@@ -11,10 +11,12 @@ import torch
 from dreamportrait.cameras import (FFHQ_DATASET_FOCAL, FFHQ_PIVOT, FFHQ_RADIUS, camera_label, camera_rays,
                                    label_to_yaw_pitch)
 from dreamportrait.synthetic import heads
-from dreamportrait.synthetic.attributes import (ATTRIBUTES, HELDOUT_COMBINATIONS, Identity, heldout_pairs,
+from dreamportrait.synthetic.attributes import (ATTRIBUTES, HELDOUT_COMBINATIONS, LATENT_DIMS, Identity,
+                                                attributes_from_latent, heldout_pairs,
                                                 sample_identities)
 from dreamportrait.synthetic.cameras import sample_labels
-from dreamportrait.synthetic.captions import HELDOUT_WORDS, make_caption, make_captions, mentionable, parse_caption
+from dreamportrait.synthetic.captions import (HELDOUT_WORDS, complete_caption, make_caption, make_captions, mentionable,
+                                              parse_caption)
 from dreamportrait.synthetic.dataset_writer import write_dataset
 from dreamportrait.synthetic.proportions import head_parameters, on_surface
 from dreamportrait.synthetic.render import HeadBatch, render
@@ -241,6 +243,31 @@ def test_training_captions_never_use_a_heldout_word_and_heldout_captions_always_
     assert used == heldout_words  # every held-out paraphrase is really produced by the held-out mode
     assert make_captions(sample_identities(22, 1, "all")[0]) != make_captions(sample_identities(22, 1, "all")[0],
                                                                             heldout=True)
+
+
+def test_a_caption_completed_from_a_latent_keeps_what_it_names_and_adds_what_the_latent_stands_for():
+    """complete_caption: every value the caption names is still named; the added ones are the
+    latent's (given the named ones) and true of the completed person; at most `mentions`
+    attributes besides gender; training words only; two latents differ where the caption is silent."""
+    heldout_words = set(HELDOUT_WORDS)
+    rng = np.random.default_rng(5)
+    completions = []
+    for ident in sample_identities(23, 60, "train"):
+        caption = make_captions(ident)[0]
+        named = {n: next(iter(v)) for n, v in parse_caption(caption).items()}
+        for _ in range(3):
+            z = rng.standard_normal(LATENT_DIMS)
+            done = complete_caption(caption, z, np.random.default_rng(0), mentions=6)
+            said = {n: next(iter(v)) for n, v in parse_caption(done).items()}
+            truth = attributes_from_latent(z, named)
+            assert named.items() <= said.items(), (caption, done)
+            assert all(truth[n] == v for n, v in said.items()), (done, truth)
+            assert len(set(said) - {"gender"}) == min(6, len(mentionable(truth))) or len(named) > 6, done
+            assert not _words(done) & heldout_words, done
+            if len(named) - ("gender" in named) < 6:  # room to add: the latent shows
+                completions.append(done)
+        assert complete_caption(caption, z, np.random.default_rng(0)) == done  # a function of (caption, z, rng)
+    assert len(set(completions)) > 0.9 * len(completions)
 
 
 def test_parser_reads_synonyms_and_heldout_paraphrases():

@@ -499,6 +499,50 @@ def test_mode_seeking_extension_pairs_fakes_and_pushes_a_pairs_images_apart(worl
                      f"teacher={teacher}"), "stage2", tmp_path / "odd", progress=False)
 
 
+def test_latent_prompt_extension_gives_the_guidance_each_latents_completed_caption(world, stage1_run, tmp_path,
+                                                                                   monkeypatch):
+    """stage2.latent_prompt_mentions (an extension for the synthetic world): G reads the caption, the
+    guidance reads it completed from each fake's own z; the wording is a function of z (so resume
+    stays exact); latents too short to name attributes and stages without guidance are refused."""
+    from dreamportrait.synthetic.attributes import attributes_from_latent
+    from dreamportrait.synthetic.captions import parse_caption
+    from train.distribution_sds import DistributionSDS
+    from train.loop import train
+    from train.sampling import Fakes
+    root, data, teacher = world
+    caption = "A young woman with long black hair."
+    fakes = Fakes(torch.randn(4, 64, generator=torch.Generator().manual_seed(3)), torch.zeros(4, 25), [caption] * 4)
+    prompts = fakes.completed_captions(6)
+    assert prompts == fakes.completed_captions(6) and len(set(prompts)) == 4
+    for z, prompt in zip(fakes.z, prompts):
+        said = {n: next(iter(v)) for n, v in parse_caption(prompt).items()}
+        truth = attributes_from_latent(z.numpy(), {"gender": "woman", "age": "young", "hair_style": "long",
+                                                   "hair_color": "black"})
+        assert said.items() >= {"gender": "woman", "age": "young", "hair_style": "long"}.items()
+        assert all(truth[n] == v for n, v in said.items()) and len(said) > 4
+    seen = {"captions": [], "prompts": []}
+    real_fakes, real_call = BatchSampler.next_fakes, DistributionSDS.__call__
+    monkeypatch.setattr(BatchSampler, "next_fakes", lambda self, n, device: seen["captions"].append(
+        real_fakes(self, n, device)) or seen["captions"][-1])
+    monkeypatch.setattr(DistributionSDS, "__call__", lambda self, prompts, images, **kw: seen["prompts"].append(
+        prompts) or real_call(self, prompts, images, **kw))
+    train(config(data, "stage2.latent_prompt_mentions=6", "stage2.kimg=0.004", f"stage2.init={stage1_run}",
+                 f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
+    (record,) = read_log(tmp_path / "run")
+    assert "loss/sds" in record and len(seen["prompts"]) == 1
+    (completed,) = seen["prompts"]
+    g_main = next(f for f in seen["captions"] if f.completed_captions(6) == completed)  # G main's own fakes
+    assert all(parse_caption(c).items() <= parse_caption(d).items() for c, d in zip(g_main.captions, completed))
+    assert completed != g_main.captions
+    with pytest.raises(ValueError, match="only stage2"):
+        validate(config(data, "stage1.latent_prompt_mentions=6"), "stage1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        validate(config(data, "stage2.latent_prompt_mentions=-1", f"stage2.init={stage1_run}", f"teacher={teacher}"),
+                 "stage2")
+    with pytest.raises(ValueError, match="z has 8: set it to 0"):
+        Fakes(torch.randn(2, 8), torch.zeros(2, 25), [caption] * 2).completed_captions(6)
+
+
 def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_it(world, stage1_run, tmp_path):
     """STAGE.text_discriminator (an extension): a text-blind D gains a zero-initialised projection
     of the sentence feature, so it first judges exactly as before; the reals come with one of their

@@ -61,6 +61,9 @@ class StageConfig:
     mode_seeking_weight: float = 0.0            # extension, not the paper's: MSGAN's term on pairs of z (train/loop.py)
     text_discriminator: bool = False            # extension, not the paper's: D also reads the sentence feature
                                                 # (projection, dreamportrait/discriminator.py; stage1/stage2)
+    latent_prompt_mentions: int = 0             # extension for the synthetic world, not the paper's: the guidance
+                                                # reads each caption completed from its z to this many attributes
+                                                # (train/sampling.py Fakes.completed_captions); 0: off
 
 
 @dataclass
@@ -221,6 +224,10 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     if st.gan_weight == 0 and stage != "stage2":
         raise ValueError(f"{stage}.gan_weight=0 leaves G without an objective (only stage2 has another term, "
                          "distribution SDS); keep the GAN term in this stage")
+    if st.latent_prompt_mentions < 0:
+        raise ValueError(f"{stage}.latent_prompt_mentions={st.latent_prompt_mentions} must be >= 0 (0: off)")
+    if st.latent_prompt_mentions and stage != "stage2":
+        raise ValueError(f"{stage}.latent_prompt_mentions: only stage2 has a guidance to read completed captions")
     if st.text_discriminator and stage not in ("stage1", "stage2"):
         raise ValueError(f"{stage}.text_discriminator: only stage1 and stage2 have text for the discriminator "
                          "to read")

@@ -8,11 +8,15 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from dreamportrait.synthetic.attributes import LATENT_DIMS
+from dreamportrait.synthetic.captions import complete_caption
 from train.data import PortraitDataset
 
 
@@ -44,6 +48,21 @@ class Fakes:
             raise ValueError(f"pairs need an even micro-batch, got {len(self.captions)} fakes")
         first = [k - k % 2 for k in range(len(self.captions))]
         return Fakes(self.z, self.c[first], [self.captions[k] for k in first])
+
+    def completed_captions(self, mentions: int) -> list[str]:
+        """Each caption completed from its own z to ``mentions`` attributes
+        (:func:`~dreamportrait.synthetic.captions.complete_caption`; ``STAGE.latent_prompt_mentions``):
+        what the guidance reads, so that the teacher asks each latent for the unnamed attributes it
+        stands for. The wording's random choices are seeded by z's bytes, so a resumed run words
+        them alike."""
+        if self.z.shape[1] < LATENT_DIMS:
+            raise ValueError(f"STAGE.latent_prompt_mentions completes captions from z's first {LATENT_DIMS} "
+                             f"components, but this generator's z has {self.z.shape[1]}: set it to 0")
+        out = []
+        for caption, z in zip(self.captions, self.z.detach().cpu().numpy()):
+            rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(z, dtype=np.float32).tobytes()))
+            out.append(complete_caption(caption, z, rng, mentions))
+        return out
 
 
 class BatchSampler:

@@ -108,22 +108,51 @@ _CUMULATIVE = {name: {key: np.cumsum(np.full(len(ATTRIBUTES[name]), 1 / len(ATTR
                for name, parent, probs in _DRAWS}
 
 
-def attributes_from_latent(z) -> dict:
+def attributes_from_latent(z, given: dict | None = None) -> dict:
     """The attributes a Gaussian latent stands for: its first :data:`LATENT_DIMS` components pick,
     in draw order, each attribute's value at the normal quantile of that component, with the
     world's (conditional) probabilities. So the attributes of z ~ N(0, I) follow
     :func:`sample_attributes` exactly (split 'all'), and they are a deterministic, piecewise
     constant function of z: the paired warm start of the prior (train/paired.py) trains G(z) to
-    draw head(z). Further components are not read."""
+    draw head(z). Further components are not read.
+
+    ``given`` ({name: value}, e.g. what a caption names) fixes those attributes; the others are
+    drawn from z as above among the values that fit them: none that would hide a given attribute
+    (no sunglasses for given blue eyes), make a given value impossible (no woman for a given
+    beard) or form a held-out pair (:data:`HELDOUT_COMBINATIONS`) with a value already set."""
     z = np.asarray(z, dtype=np.float64).reshape(-1)
     if z.size < LATENT_DIMS:
         raise ValueError(f"a latent needs at least {LATENT_DIMS} components (one per attribute), got {z.size}")
+    given = dict(given or {})
+    for name, value in given.items():
+        if value not in ATTRIBUTES.get(name, ()):
+            raise ValueError(f"given {name}={value!r} is not a value of the world's attributes "
+                             f"({ATTRIBUTES.get(name, sorted(ATTRIBUTES))})")
     a: dict = {}
     for k, (name, parent, _) in enumerate(_DRAWS):
+        if name in given:
+            a[name] = given[name]
+            continue
         cumulative = _CUMULATIVE[name][a[parent] if parent else None]
+        allowed = [v for v in ATTRIBUTES[name] if _fits(name, v, a, given)]
+        if given and 0 < len(allowed) < len(ATTRIBUTES[name]):  # renormalise over the values that fit
+            mass = np.diff(cumulative, prepend=0.0) * [v in allowed for v in ATTRIBUTES[name]]
+            cumulative = (np.cumsum(mass) / mass.sum()).tolist()
         u = 0.5 * (1.0 + math.erf(float(z[k]) / math.sqrt(2.0)))
         a[name] = ATTRIBUTES[name][min(bisect.bisect_right(cumulative, u), len(cumulative) - 1)]
     return hide_invisible(a)
+
+
+def _fits(name: str, value: str, drawn: dict, given: dict) -> bool:
+    """Whether ``name=value`` may join the attributes ``drawn`` so far and those ``given``."""
+    if any(n in given for n in HIDDEN_BY.get((name, value), ())):
+        return False
+    for child, parent, probs in _DRAWS:
+        if parent == name and child in given and probs[value][ATTRIBUTES[child].index(given[child])] == 0:
+            return False
+    known = {**drawn, **given}
+    return not any((name, value) in pair and all(known.get(n, value if n == name else None) == v for n, v in pair)
+                   for pair in HELDOUT_COMBINATIONS)
 
 
 def hide_invisible(attributes: dict) -> dict:

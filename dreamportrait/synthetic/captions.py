@@ -20,9 +20,10 @@ import re
 
 import numpy as np
 
-from .attributes import ATTRIBUTES, Identity
+from .attributes import ATTRIBUTES, Identity, attributes_from_latent
 
 CAPTIONS_PER_IDENTITY = 10
+MAX_MENTIONS = 6  # a caption names 2 to MAX_MENTIONS attributes besides the person's gender
 
 # Paraphrases that training captions never use; held-out captions (heldout=True) use them.
 HELDOUT_WORDS: tuple[str, ...] = (
@@ -201,19 +202,26 @@ def _person(a: dict, age_mentioned: bool, rng: np.random.Generator, heldout: boo
 
 
 def make_caption(attributes: dict, rng: np.random.Generator, mentions: int | None = None,
-                 heldout: bool = False) -> str:
+                 heldout: bool = False, chosen: list[str] | None = None) -> str:
     """One caption mentioning a random subset of ``attributes``: ``mentions`` of them (all when
-    larger than the mentionable ones), or 2 to 6 drawn at random when ``mentions`` is None.
+    larger than the mentionable ones), or 2 to 6 drawn at random when ``mentions`` is None;
+    ``chosen``: exactly these attributes (each must be mentionable) instead.
 
     ``heldout=True`` names every value that has a held-out paraphrase (:data:`HELDOUT_WORDS`)
     with one, and makes sure at least one such value is mentioned (swapping one in if needed).
     """
     names = mentionable(attributes)
-    if mentions is not None:
-        k = min(int(mentions), len(names))
+    if chosen is not None:
+        if set(chosen) - set(names):
+            raise ValueError(f"cannot mention {sorted(set(chosen) - set(names))}: a caption mentions only "
+                             f"seen values that are not absences ({names})")
+        chosen = list(chosen)
     else:
-        k = int(rng.integers(2, min(6, len(names)) + 1)) if len(names) >= 2 else len(names)
-    chosen = [names[i] for i in rng.permutation(len(names))[:k]]
+        if mentions is not None:
+            k = min(int(mentions), len(names))
+        else:
+            k = int(rng.integers(2, min(MAX_MENTIONS, len(names)) + 1)) if len(names) >= 2 else len(names)
+        chosen = [names[i] for i in rng.permutation(len(names))[:k]]
     if heldout:
         usable = [n for n in names if has_heldout_phrasing(attributes, n)]
         if not usable:
@@ -253,6 +261,21 @@ def make_caption(attributes: dict, rng: np.random.Generator, mentions: int | Non
     text = f"{first} {' and '.join(clauses[:take])}{scene or ''}."
     text += "".join(f" {pronoun.capitalize()} {c}." for c in clauses[take:])
     return text
+
+
+def complete_caption(caption: str, z, rng: np.random.Generator, mentions: int = MAX_MENTIONS) -> str:
+    """A training-grammar caption of the person ``caption`` describes, naming up to ``mentions``
+    attributes in all: every value the caption names (:func:`parse_caption`; a word naming two
+    values counts as neither), and then unnamed attributes, picked at random, with the values the
+    latent ``z`` stands for given the named ones (:func:`attributes_from_latent`). So two latents
+    with the same caption get captions that agree where it speaks and differ where z does."""
+    given = {name: next(iter(values)) for name, values in parse_caption(caption).items() if len(values) == 1}
+    attributes = attributes_from_latent(z, given)
+    names = mentionable(attributes)
+    named = [n for n in names if n in given]
+    free = [n for n in names if n not in given]
+    extra = [free[i] for i in rng.permutation(len(free))[:max(0, mentions - len(named))]]
+    return make_caption(attributes, rng, chosen=[*named, *extra])
 
 
 def make_captions(identity: Identity, num: int = CAPTIONS_PER_IDENTITY, heldout: bool = False) -> list[str]:
