@@ -268,12 +268,15 @@ def complete_caption(caption: str, z, rng: np.random.Generator, mentions: int = 
     attributes in all: every value the caption names (:func:`parse_caption`; a word naming two
     values counts as neither), and then unnamed attributes, picked at random, with the values the
     latent ``z`` stands for given the named ones (:func:`attributes_from_latent`). So two latents
-    with the same caption get captions that agree where it speaks and differ where z does."""
+    with the same caption get captions that agree where it speaks and differ where z does.
+
+    Attributes whose absence captions never state (beard, glasses, earrings, lipstick) are not
+    added: z could only ever ask for their presence, which would push every latent towards it."""
     given = {name: next(iter(values)) for name, values in parse_caption(caption).items() if len(values) == 1}
     attributes = attributes_from_latent(z, given)
     names = mentionable(attributes)
     named = [n for n in names if n in given]
-    free = [n for n in names if n not in given]
+    free = [n for n in names if n not in given and n not in _NEGATIVE]
     extra = [free[i] for i in rng.permutation(len(free))[:max(0, mentions - len(named))]]
     return make_caption(attributes, rng, chosen=[*named, *extra])
 
