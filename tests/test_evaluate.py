@@ -355,6 +355,21 @@ def test_diversity_score_is_the_generated_over_the_worlds_entropy():
     assert held["captions_without_reference"] == 1 and "skipped" in held
 
 
+def test_latent_agreement_compares_unnamed_readings_with_what_each_seeds_z_stands_for():
+    from dreamportrait.synthetic.attributes import attributes_from_latent
+    from train.evaluate import seed_latent
+    mentioned, seeds = [{"gender": "man", "age": "old"}, {"gender": "woman", "hair_color": "red"}], 8
+    follows = [attributes_from_latent(seed_latent(s, 64, "cpu")[0].numpy(), given)
+               for given in mentioned for s in range(seeds)]
+    exact = ew.latent_agreement(follows, mentioned, seeds, 64)
+    assert exact["value"] == pytest.approx(100.0) and exact["chance"] < 80
+    assert "gender" not in exact["per_attribute"]  # named by both captions: never counted
+    one = [dict(follows[0], **{n: follows[0][n] for n in ATTRIBUTES})] * len(follows)  # one head for every seed
+    ignores = ew.latent_agreement(one, mentioned, seeds, 64)
+    assert ignores["value"] == pytest.approx(ignores["chance"])  # a z-blind generator scores chance
+    assert "skipped" in ew.latent_agreement(follows, mentioned, seeds, 8)
+
+
 def test_latent_attribute_accuracy_counts_readings_equal_to_the_named_values():
     import numpy as np
     from dreamportrait.synthetic.attributes import attributes_from_latent
@@ -424,7 +439,7 @@ def test_text_metrics_end_to_end_on_a_tiny_random_generator(tiny_world, tiny_pri
              "--batch", "3", "--device", "cpu", "--out", str(out)])
     m = json.loads(out.read_text())["metrics"]
     assert set(m) == {"attribute_accuracy", "unconditional_accuracy", "heldout_attribute_accuracy", "diversity",
-                      "view_consistency"}
+                      "view_consistency", "latent_agreement"}
     assert 0 <= m["unconditional_accuracy"]["value"] <= 100
     assert 0 <= m["attribute_accuracy"]["value"] <= 100 and m["attribute_accuracy"]["views"] == list(ew.WORLD_VIEWS)
     held = m["heldout_attribute_accuracy"]

@@ -48,7 +48,11 @@ captions, same seeds):
   attribute given the values the caption names (so the plug-in estimate's small-sample bias is on
   both sides). Score = generated / world; target >= 0.7. Only attributes the world varies under
   the caption (two or more values possible where seen) count, and only with 2 readings where seen;
-* multi-view consistency: the cross-view agreement above, on the data set's captions.
+* multi-view consistency: the cross-view agreement above, on the data set's captions;
+* latent agreement (no target; meaningful for a generator trained with
+  ``stage2.latent_prompt_mentions``, at chance for any other): on the diversity readings, how
+  often an unnamed attribute reads as the value the seed's z stands for given the caption
+  (:func:`latent_agreement`), beside the agreement of readings that ignore z.
 """
 from __future__ import annotations
 
@@ -275,6 +279,33 @@ def diversity(frontal: Sequence[Mapping[str, str | None]], mentioned: Sequence[M
             "per_attribute": per, **common}
 
 
+def latent_agreement(frontal: Sequence[Mapping[str, str | None]], mentioned: Sequence[Mapping[str, str]],
+                     seeds: int, z_dim: int) -> dict:
+    """How far the diversity readings (caption-major, seeds 0..S-1) follow the latent: per
+    attribute a caption does not name, how often the reading equals the value the seed's z stands
+    for given what the caption names (:func:`attributes_from_latent`, as ``stage2.latent_prompt_mentions``
+    trains it), where both are seen, in percent, beside chance: the agreement of readings that
+    ignore z, from the two marginals of the same pairs (sum over values of P(reading) P(latent))."""
+    if z_dim < LATENT_DIMS:
+        return {"skipped": f"z has {z_dim} components; attributes_from_latent reads {LATENT_DIMS}"}
+    latents = [seed_latent(s, z_dim, "cpu")[0].numpy() for s in range(seeds)]
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for k, given in enumerate(mentioned):
+        for s, z in enumerate(latents):
+            stands_for, read = attributes_from_latent(z, given), frontal[k * seeds + s]
+            for name in ATTRIBUTES:
+                if name not in given and read[name] is not None and stands_for[name] is not None:
+                    pairs.setdefault(name, []).append((read[name], stands_for[name]))
+    per, chance = {}, {}
+    for name, got in pairs.items():
+        read, latent = Counter(r for r, _ in got), Counter(l for _, l in got)
+        per[name] = 100 * sum(r == l for r, l in got) / len(got)
+        chance[name] = 100 * sum(read[v] * latent[v] for v in read) / len(got) ** 2
+    mean = lambda d: float(np.mean(list(d.values()))) if d else float("nan")
+    return {"value": mean(per), "unit": "percent", "chance": mean(chance), "per_attribute": per,
+            "chance_per_attribute": chance, "pairs": sum(len(g) for g in pairs.values())}
+
+
 def evaluate_text(checkpoint: str, data: str, judge: str, num: int = 1000, seed: int = 0, psi: float = 1.0,
                   split: str = "train", diversity_captions: int = 50, diversity_seeds: int = 16, device="cpu",
                   batch: int = 16, progress: bool = True) -> dict:
@@ -310,6 +341,8 @@ def evaluate_text(checkpoint: str, data: str, judge: str, num: int = 1000, seed:
     frontal = judge_readings(pipe, judge_model, jobs, psi, {"frontal": 0.0}, None, batch, progress,
                              "diversity")["frontal"]
     metrics["diversity"] = diversity(frontal, items.mentioned[:count], diversity_seeds, split)
+    metrics["latent_agreement"] = latent_agreement(frontal, items.mentioned[:count], diversity_seeds,
+                                                   pipe.G.config.z_dim)
     agree = view_agreement(own)
     metrics["view_consistency"] = {"value": 100 * agree["value"], "unit": "percent",
                                    "per_attribute": {k: 100 * v for k, v in agree["per_attribute"].items()}}
@@ -375,6 +408,12 @@ def format_markdown(results: dict) -> str:
                       f"{results['num']} items; the unconditional rate (a text-blind generator's score)"
                       if key == "unconditional_accuracy" else f"{results['num']} items")
             rows.append((title, f"{d['value']:.1f}", "", detail))
+    latent = m.get("latent_agreement")  # evaluations written before session 15 have none
+    if latent is not None:
+        rows.append(("unnamed attribute = what the seed's z stands for (%)", "skipped", "", latent["skipped"])
+                    if "skipped" in latent else
+                    ("unnamed attribute = what the seed's z stands for (%)", f"{latent['value']:.1f}", "",
+                     f"chance {latent['chance']:.1f}; the diversity readings, {latent['pairs']} pairs"))
     acc, uncond, held, div, cons = (m[k] for k in ("attribute_accuracy", "unconditional_accuracy",
                                                    "heldout_attribute_accuracy", "diversity", "view_consistency"))
     per = []
