@@ -186,6 +186,17 @@ def test_evaluation_reads_teacher_samples_on_data_set_and_heldout_word_captions(
     assert sum(entry["guidance"]["1.0"]["counts"].values()) > 0
     assert sum(words["guidance"]["1.0"]["counts"].values()) > 0
     assert f"{words['num']} captions in held-out words" in format_table(results)
+    # one attribute on every caption that names it (not just each identity's evaluation caption)
+    from dreamportrait.synthetic.captions import parse_caption
+    from world.teacher_training import evaluate_attribute
+    captions = json.loads((world / "captions.json").read_text())
+    naming = [c for caps in captions.values() for c in caps if "background" in parse_caption(c)]
+    assert len(naming) > 6
+    one = evaluate_attribute(teacher, judge, str(world), "background", [3.0], steps=2, batch=8, progress=False)
+    assert one["num"] == len(naming) and one["guidance"]["3.0"]["count"] == len(naming)
+    assert 0.0 <= one["guidance"]["3.0"]["accuracy"] <= 1.0
+    with pytest.raises(TeacherTrainingError, match="not an attribute of the synthetic world"):
+        evaluate_attribute(teacher, judge, str(world), "hat", [3.0], steps=2, progress=False)
 
 
 def test_caption_dropout_is_ten_percent():
