@@ -8,6 +8,7 @@ JSON turns tuples into lists, so configs come back with lists where tuples went 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import json
 import os
@@ -116,6 +117,12 @@ def atomic_file(path, fsync: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in chunks (weight files are up to gigabytes)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path, data: bytes | str) -> Path:

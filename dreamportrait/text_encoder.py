@@ -32,7 +32,6 @@ are accepted only with the published file's sha256, wherever they come from.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -44,7 +43,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from dreamportrait.checkpoints import CheckpointError, atomic_folder
+from dreamportrait.checkpoints import CheckpointError, atomic_folder, sha256_file
 
 SD_TEXT_ENCODER_DIR = "text_encoder"
 SD_TOKENIZER_DIR = "tokenizer"
@@ -264,11 +263,6 @@ def bert_tokenizer(tokenizer, context_length: int) -> Tokenize:
     return tokenize
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def minilm_folder(location: str | os.PathLike) -> Path:
     """The folder of all-MiniLM-L6-v2: a folder as given, or a Hugging Face name; the model's own
     name is found in the carrier package first, any name in the local Hugging Face cache
@@ -310,7 +304,7 @@ def check_minilm_files(folder: Path, vocab_folder: Path | None = None) -> None:
                                     "config.json and vocab.txt (pickled .bin weights are never loaded)")
     for name, expected in MINILM_SHA256.items():
         file = files[name]
-        found = _sha256(file)
+        found = sha256_file(file)
         if found != expected:
             raise ValueError(
                 f"{file} is not the published all-MiniLM-L6-v2 file: sha256 {found}, expected {expected}. "

@@ -281,6 +281,31 @@ def test_stage2_resume_draws_the_same_captions_and_sds_noise(world, stage1_run, 
     assert_resume_is_exact("stage2", data, tmp_path, f"stage2.init={stage1_run}", f"teacher={teacher}", *guidance)
 
 
+def test_stage2_resume_refuses_a_teacher_folder_replaced_since(world, stage1_run, tmp_path):
+    """A run records its teacher's files (sha256); another U-Net under the same folder name is refused
+    on --resume, while logs or evaluations added to the folder change nothing."""
+    import dataclasses
+    import shutil
+    from train.loop import train
+    from train.teacher import teacher_files_sha256
+    from world.tiny_teacher import TinyTeacherConfig
+    root, data, teacher = world
+    folder = shutil.copytree(teacher, tmp_path / "teacher")
+    digest = teacher_files_sha256(folder)
+    (folder / "eval-heldout.json").write_text("{}")
+    assert teacher_files_sha256(folder) == digest
+    cfg = lambda kimg: config(data, f"stage2.kimg={kimg}", f"stage2.init={stage1_run}", f"teacher={folder}")
+    train(cfg(0.004), "stage2", tmp_path / "run", progress=False)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["guidance"] == {"teacher_sha256": digest}
+    other = write_tiny_teacher_folder(tmp_path / "other", dataclasses.replace(TinyTeacherConfig(), seed=1))
+    shutil.rmtree(folder / "unet")
+    shutil.copytree(other / "unet", folder / "unet")
+    assert teacher_files_sha256(folder) != digest
+    with pytest.raises(ValueError, match="not the ones the run was trained with"):
+        train(cfg(0.008), "stage2", tmp_path / "run", resume=True, progress=False)
+
+
 def draws() -> tuple:
     return float(torch.rand(1)), float(np.random.rand()), random.random()
 

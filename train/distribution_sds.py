@@ -105,6 +105,25 @@ class DistributionSDS(Guidance):
         self.max_step = min(self.max_step, steps - 1)
         self.cache_size, self._embeddings = cache_size, OrderedDict()
 
+    def state_dict(self) -> dict:
+        """The teacher's identity (its files' digest), so that a resumed run refuses another teacher."""
+        digest = getattr(self.teacher, "files_sha256", None)
+        return {"teacher_sha256": digest} if digest else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_same_teacher(state)
+        super().load_state_dict({k: v for k, v in state.items() if k != "teacher_sha256"})
+
+    def check_same_teacher(self, state: dict) -> None:
+        """Refuse a saved state made with another teacher (a run saved before teachers were recorded
+        holds no digest, and passes)."""
+        saved, digest = state.get("teacher_sha256"), getattr(self.teacher, "files_sha256", None)
+        if saved and digest and saved != digest:
+            folder = getattr(self.teacher, "folder", None)
+            raise ValueError(f"--resume: the teacher's files in {folder} are not the ones the run was trained with "
+                             f"(sha256 {digest[:12]}... against {saved[:12]}...): the folder was replaced since. "
+                             "Resume with the teacher the run was started with, or start a new --run-dir")
+
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """The teacher's text embeddings (B, L, D) of ``prompts``, encoding only those not cached."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))

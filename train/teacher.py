@@ -45,6 +45,7 @@ and text encoder in ``dtype`` (half precision possible), the VAE encoder in ``va
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -52,7 +53,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
-from dreamportrait.checkpoints import atomic_write
+from dreamportrait.checkpoints import atomic_write, sha256_file
 from dreamportrait.ops import resize
 
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
@@ -225,6 +226,23 @@ def _config(module, component: str, keys: Sequence[str]):
     return config
 
 
+TEACHER_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+
+
+def teacher_files_sha256(folder: str | os.PathLike) -> str:
+    """One SHA-256 over what a teacher folder is loaded from: ``model_index.json`` and every file of
+    its component folders (relative names and contents, in sorted order; not its logs or
+    evaluations). Another U-Net under the same folder name gives another digest."""
+    folder = Path(folder)
+    files = [folder / "model_index.json"] + sorted(
+        f for part in TEACHER_COMPONENTS if (folder / part).is_dir() for f in (folder / part).rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            digest.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+    return digest.hexdigest()
+
+
 class DiffusionTeacher:
     """Frozen text-to-image latent diffusion model used as the score-distillation prior.
 
@@ -266,6 +284,8 @@ class DiffusionTeacher:
         size = unet_config.sample_size
         factor = 2 ** (len(vae_config.block_out_channels) - 1)  # diffusers' vae_scale_factor
         self.image_size = tuple(factor * s for s in ((size, size) if isinstance(size, int) else size))
+        self.folder: Path | None = None  # set by from_pretrained
+        self._files_sha256: str | None = None
         self._bert = None  # a BERT text encoder is read through the BERT route of TextEncoder
         if getattr(text_config, "model_type", None) == "bert":
             from dreamportrait.text_encoder import TextEncoder
@@ -296,11 +316,21 @@ class DiffusionTeacher:
             text_encoder = transformers.BertModel.from_pretrained(text.minilm, **weights)
             tokenizer = transformers.BertTokenizer(str(text.minilm / "vocab.txt"), do_lower_case=True,
                                                    model_max_length=text.context_length)
-        return cls(
+        teacher = cls(
             unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **weights),
             vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **weights),
             scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
             text_encoder=text_encoder, tokenizer=tokenizer, device=device, dtype=dtype, vae_dtype=vae_dtype)
+        teacher.folder = folder
+        return teacher
+
+    @property
+    def files_sha256(self) -> str | None:
+        """The identity of the files this teacher was loaded from (:func:`teacher_files_sha256`,
+        computed once; None for a teacher built from modules): a resumed stage 2 checks it."""
+        if self.folder is not None and self._files_sha256 is None:
+            self._files_sha256 = teacher_files_sha256(self.folder)
+        return self._files_sha256
 
     def to(self, device) -> "DiffusionTeacher":
         """Move the networks (U-Net and text encoder in ``dtype``, VAE in ``vae_dtype``) to a device."""

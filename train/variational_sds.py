@@ -100,8 +100,9 @@ class VariationalSDS(DistributionSDS):
         return out
 
     def state_dict(self) -> dict:
-        return {"particle": self.particle.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {**super().state_dict(), "particle": self.particle.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.check_same_teacher(state)
         self.particle.load_state_dict(state["particle"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -10,7 +10,6 @@ every name and shape) and writes ``OUT_DIR/generator.safetensors`` and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import DISCRIMINATOR_FILE, GENERATOR_FILE, CheckpointError, save_model_file
+from ..checkpoints import DISCRIMINATOR_FILE, GENERATOR_FILE, CheckpointError, save_model_file, sha256_file
 from ..discriminator import DiscriminatorConfig, DualDiscriminator
 from ..generator import TriPlaneGenerator
 from .pickle_reader import EG3DNetwork, read_eg3d_pickle
@@ -44,12 +43,6 @@ class ConvertedNetwork:
     @property
     def num_values(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
-
-
-def sha256_file(path) -> str:
-    """Hex SHA-256 of a file, read in chunks (release pickles are hundreds of MB)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _json_plain(value, what: str):
