@@ -226,16 +226,13 @@ def _config(module, component: str, keys: Sequence[str]):
     return config
 
 
-TEACHER_COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
-
-
 def teacher_files_sha256(folder: str | os.PathLike) -> str:
     """One SHA-256 over what a teacher folder is loaded from: ``model_index.json`` and every file of
     its component folders (relative names and contents, in sorted order; not its logs or
     evaluations). Another U-Net under the same folder name gives another digest."""
     folder = Path(folder)
     files = [folder / "model_index.json"] + sorted(
-        f for part in TEACHER_COMPONENTS if (folder / part).is_dir() for f in (folder / part).rglob("*") if f.is_file())
+        f for part in COMPONENTS if (folder / part).is_dir() for f in (folder / part).rglob("*") if f.is_file())
     digest = hashlib.sha256()
     for f in files:
         if f.is_file():
