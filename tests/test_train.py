@@ -545,6 +545,12 @@ def test_latent_prompt_extension_gives_the_guidance_each_latents_completed_capti
                                                    "hair_color": "black"})
         assert said.items() >= {"gender": "woman", "age": "young", "hair_style": "long"}.items()
         assert all(truth[n] == v for n, v in said.items()) and len(said) > 4
+    many = Fakes(torch.randn(400, 64, generator=torch.Generator().manual_seed(4)), torch.zeros(400, 25), [caption] * 400)
+    whole, half = many.completed_captions(6), many.completed_captions(6, share=0.5)
+    kept = [h == caption for h in half]
+    assert 160 < sum(kept) < 240 and half == many.completed_captions(6, share=0.5)  # about half, the same on resume
+    assert all(h == w for h, w, k in zip(half, whole, kept) if not k)  # the completed ones worded as with share 1
+    assert many.completed_captions(6, share=0.0) == many.captions and caption not in whole
     seen = {"captions": [], "prompts": []}
     real_fakes, real_call = BatchSampler.next_fakes, DistributionSDS.__call__
     monkeypatch.setattr(BatchSampler, "next_fakes", lambda self, n, device: seen["captions"].append(
@@ -563,6 +569,12 @@ def test_latent_prompt_extension_gives_the_guidance_each_latents_completed_capti
         validate(config(data, "stage1.latent_prompt_mentions=6"), "stage1")
     with pytest.raises(ValueError, match="must be >= 0"):
         validate(config(data, "stage2.latent_prompt_mentions=-1", f"stage2.init={stage1_run}", f"teacher={teacher}"),
+                 "stage2")
+    with pytest.raises(ValueError, match="latent_prompt_share=1.5 must be in"):
+        validate(config(data, "stage2.latent_prompt_mentions=6", "stage2.latent_prompt_share=1.5",
+                        f"stage2.init={stage1_run}", f"teacher={teacher}"), "stage2")
+    with pytest.raises(ValueError, match="needs stage2.latent_prompt_mentions > 0"):
+        validate(config(data, "stage2.latent_prompt_share=0.5", f"stage2.init={stage1_run}", f"teacher={teacher}"),
                  "stage2")
     with pytest.raises(ValueError, match="z has 8: set it to 0"):
         Fakes(torch.randn(2, 8), torch.zeros(2, 25), [caption] * 2).completed_captions(6)

@@ -64,6 +64,8 @@ class StageConfig:
     latent_prompt_mentions: int = 0             # extension for the synthetic world, not the paper's: the guidance
                                                 # reads each caption completed from its z to this many attributes
                                                 # (train/sampling.py Fakes.completed_captions); 0: off
+    latent_prompt_share: float = 1.0            # with latent_prompt_mentions: the share of fakes whose caption is
+                                                # completed (a draw seeded by z); the others keep it as written
 
 
 @dataclass
@@ -226,6 +228,12 @@ def validate(cfg: TrainConfig, stage: str) -> None:
                          "distribution SDS); keep the GAN term in this stage")
     if st.latent_prompt_mentions < 0:
         raise ValueError(f"{stage}.latent_prompt_mentions={st.latent_prompt_mentions} must be >= 0 (0: off)")
+    if not 0 <= st.latent_prompt_share <= 1:
+        raise ValueError(f"{stage}.latent_prompt_share={st.latent_prompt_share} must be in [0, 1] "
+                         "(the share of fakes whose caption is completed)")
+    if st.latent_prompt_share != 1 and not st.latent_prompt_mentions:
+        raise ValueError(f"{stage}.latent_prompt_share={st.latent_prompt_share} needs "
+                         f"{stage}.latent_prompt_mentions > 0 (the number of attributes to complete to)")
     if st.latent_prompt_mentions and stage != "stage2":
         raise ValueError(f"{stage}.latent_prompt_mentions: only stage2 has a guidance to read completed captions")
     if st.text_discriminator and stage not in ("stage1", "stage2"):

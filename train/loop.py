@@ -70,12 +70,13 @@ def mode_seeking_loss(z: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) 
 
 def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
                gan_weight: float, cur_nimg: int, mode_seeking_weight: float = 0.0,
-               real_cond: dict | None = None, latent_prompt_mentions: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+               real_cond: dict | None = None, latent_prompt_mentions: int = 0,
+               latent_prompt_share: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """One phase's loss on one micro-batch (``cond``: the fakes' text condition; ``real_cond``: the
     reals' captions', for a text-reading discriminator), and the scalars to log.
     With ``mode_seeking_weight`` > 0, G main's fakes come in pairs (:meth:`Fakes.in_pairs`); with
-    ``latent_prompt_mentions`` > 0 the guidance reads each caption completed from its z
-    (:meth:`Fakes.completed_captions`) while G reads the caption itself."""
+    ``latent_prompt_mentions`` > 0 the guidance reads each caption (or ``latent_prompt_share`` of
+    them) completed from its z (:meth:`Fakes.completed_captions`) while G reads the caption itself."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
         loss, stats = 0.0, {}
@@ -86,7 +87,8 @@ def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: G
             gan_loss = gan.generator_loss(img, fakes.c, cur_nimg, cond)
             loss = loss + gan_weight * gan_loss
             stats["loss/G"] = gan_loss.item()
-        prompts = fakes.completed_captions(latent_prompt_mentions) if latent_prompt_mentions else fakes.captions
+        prompts = (fakes.completed_captions(latent_prompt_mentions, latent_prompt_share) if latent_prompt_mentions
+                   else fakes.captions)
         guided = guidance(prompts, img["image"]) if guidance is not None else None
         if guided is not None:
             loss = loss + guided.loss
@@ -215,7 +217,8 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                 real_cond = text_condition(real.captions if gan.reads_text and phase.module == "D" else None)
                 with precision():
                     loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg,
-                                         st.mode_seeking_weight, real_cond, st.latent_prompt_mentions)
+                                         st.mode_seeking_weight, real_cond, st.latent_prompt_mentions,
+                                         st.latent_prompt_share)
                 (loss * (phase.interval / len(reals))).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v / len(reals)

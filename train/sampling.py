@@ -49,19 +49,23 @@ class Fakes:
         first = [k - k % 2 for k in range(len(self.captions))]
         return Fakes(self.z, self.c[first], [self.captions[k] for k in first])
 
-    def completed_captions(self, mentions: int) -> list[str]:
+    def completed_captions(self, mentions: int, share: float = 1.0) -> list[str]:
         """Each caption completed from its own z to ``mentions`` attributes
         (:func:`~dreamportrait.synthetic.captions.complete_caption`; ``STAGE.latent_prompt_mentions``):
         what the guidance reads, so that the teacher asks each latent for the unnamed attributes it
-        stands for. The wording's random choices are seeded by z's bytes, so a resumed run words
-        them alike."""
+        stands for. With ``share`` < 1 (``STAGE.latent_prompt_share``) only that share of the
+        captions, on average, is completed, and the others are kept as written. The choices (which
+        to complete, the wording) are seeded by z's bytes, so a resumed run makes them alike."""
         if self.z.shape[1] < LATENT_DIMS:
             raise ValueError(f"STAGE.latent_prompt_mentions completes captions from z's first {LATENT_DIMS} "
                              f"components, but this generator's z has {self.z.shape[1]}: set it to 0")
         out = []
         for caption, z in zip(self.captions, self.z.detach().cpu().numpy()):
-            rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(z, dtype=np.float32).tobytes()))
-            out.append(complete_caption(caption, z, rng, mentions))
+            seed = zlib.crc32(np.ascontiguousarray(z, dtype=np.float32).tobytes())
+            if share < 1 and np.random.default_rng([seed, 1]).random() >= share:
+                out.append(caption)
+                continue
+            out.append(complete_caption(caption, z, np.random.default_rng(seed), mentions))
         return out
 
 
