@@ -15,6 +15,7 @@ import torch
 from fixtures_path import REPO
 from train_data import write_tiny_dataset
 
+from dreamportrait.cameras import camera_label
 from dreamportrait.generator import preset as generator_preset
 from train.config import PRESETS, STAGES, apply_overrides, preset, validate
 from train.gan_loss import GANLoss
@@ -578,6 +579,33 @@ def test_latent_prompt_extension_gives_the_guidance_each_latents_completed_capti
                  "stage2")
     with pytest.raises(ValueError, match="z has 8: set it to 0"):
         Fakes(torch.randn(2, 8), torch.zeros(2, 25), [caption] * 2).completed_captions(6)
+
+
+def test_world_depth_extension_holds_the_rendered_depth_to_the_worlds_head(world, stage1_run, tmp_path):
+    """stage2.world_depth_weight (an extension for the synthetic world): the world's depth of each
+    fake's person is zero-loss for a generator that renders it, a flat sheet in front of the head
+    (the shipped model's failure) costs about the head's relief, and training logs the term."""
+    from train.loop import train, world_depth_loss
+    from train.sampling import Fakes
+    root, data, teacher = world
+    z = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    fakes = Fakes(z, camera_label(20.0, 0.0).repeat(4, 1), ["A young woman with long black hair."] * 4)
+    depth, mask = fakes.world_geometry(32)
+    assert depth.shape == mask.shape == (4, 1, 32, 32) and 0.2 < mask.mean() < 0.8
+    assert torch.equal(depth, fakes.world_geometry(32)[0]) and not torch.equal(depth[0], depth[1])  # z's heads
+    far = depth.flatten(1).amax(1).view(-1, 1, 1, 1)
+    exact = torch.where(mask > 0, depth, far + 0.3)
+    assert world_depth_loss(exact, depth, mask).item() < 1e-6
+    sheet = torch.full_like(depth, float(depth[mask > 0.5].min()))
+    relief = float(((depth - sheet) * mask).sum() / mask.sum())
+    assert world_depth_loss(sheet, depth, mask).item() > relief > 0.05
+    train(config(data, "stage2.world_depth_weight=1", "stage2.kimg=0.004", f"stage2.init={stage1_run}",
+                 f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
+    (record,) = read_log(tmp_path / "run")
+    assert record["loss/world_depth"] > 0
+    with pytest.raises(ValueError, match="world_depth_weight=-1 must be >= 0"):
+        validate(config(data, "stage2.world_depth_weight=-1", f"stage2.init={stage1_run}", f"teacher={teacher}"),
+                 "stage2")
 
 
 def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_it(world, stage1_run, tmp_path):

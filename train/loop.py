@@ -68,21 +68,42 @@ def mode_seeking_loss(z: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) 
     return (dz / (di + eps)).mean()
 
 
+def world_depth_loss(depth: torch.Tensor, world_depth: torch.Tensor, world_mask: torch.Tensor) -> torch.Tensor:
+    """G's rendered depth (n, 1, R, R) against the world's for the same person and camera
+    (:meth:`Fakes.world_geometry`): mean |depth - world depth| over the world's head pixels
+    (weighted by their hit fraction), plus, over the pixels that miss it, how far G's depth comes
+    nearer than the head's farthest visible point (so the background lies behind the head, not on a sheet in front
+    of it). An extension (``STAGE.world_depth_weight``) against the flat heads that the GAN and
+    guidance terms alone leave at 64 px: it gives the geometry only, never the colours."""
+    head = world_mask.to(depth.dtype)
+    far = (world_depth * (head > 0.5)).flatten(1).amax(1).view(-1, 1, 1, 1)
+    on_head = (head * (depth - world_depth).abs()).sum() / head.sum().clamp_min(1.0)
+    missed = (head == 0).to(depth.dtype)
+    behind = (missed * torch.relu(far - depth)).sum() / missed.sum().clamp_min(1.0)
+    return on_head + behind
+
+
 def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
                gan_weight: float, cur_nimg: int, mode_seeking_weight: float = 0.0,
                real_cond: dict | None = None, latent_prompt_mentions: int = 0,
-               latent_prompt_share: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+               latent_prompt_share: float = 1.0, world_depth_weight: float = 0.0
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """One phase's loss on one micro-batch (``cond``: the fakes' text condition; ``real_cond``: the
     reals' captions', for a text-reading discriminator), and the scalars to log.
     With ``mode_seeking_weight`` > 0, G main's fakes come in pairs (:meth:`Fakes.in_pairs`); with
     ``latent_prompt_mentions`` > 0 the guidance reads each caption (or ``latent_prompt_share`` of
-    them) completed from its z (:meth:`Fakes.completed_captions`) while G reads the caption itself."""
+    them) completed from its z (:meth:`Fakes.completed_captions`) while G reads the caption itself;
+    with ``world_depth_weight`` > 0 G's depth is also held to the world's (:func:`world_depth_loss`)."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
         loss, stats = 0.0, {}
         if mode_seeking_weight > 0:
             ms = mode_seeking_loss(fakes.z, img["image"])
             loss, stats = mode_seeking_weight * ms, {"loss/mode_seeking": ms.item()}
+        if world_depth_weight > 0:
+            depth = img["image_depth"]
+            geometry = world_depth_loss(depth, *fakes.world_geometry(depth.shape[-1]))
+            loss, stats["loss/world_depth"] = loss + world_depth_weight * geometry, geometry.item()
         if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
             gan_loss = gan.generator_loss(img, fakes.c, cur_nimg, cond)
             loss = loss + gan_weight * gan_loss
@@ -218,7 +239,7 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                 with precision():
                     loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg,
                                          st.mode_seeking_weight, real_cond, st.latent_prompt_mentions,
-                                         st.latent_prompt_share)
+                                         st.latent_prompt_share, st.world_depth_weight)
                 (loss * (phase.interval / len(reals))).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v / len(reals)

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamportrait.synthetic.attributes import LATENT_DIMS
-from dreamportrait.synthetic.captions import complete_caption
+from dreamportrait.synthetic.attributes import LATENT_DIMS, Identity, attributes_from_latent
+from dreamportrait.synthetic.captions import complete_caption, named_values
+from dreamportrait.synthetic.render import render
 from train.data import PortraitDataset
 
 
@@ -56,17 +57,38 @@ class Fakes:
         stands for. With ``share`` < 1 (``STAGE.latent_prompt_share``) only that share of the
         captions, on average, is completed, and the others are kept as written. The choices (which
         to complete, the wording) are seeded by z's bytes, so a resumed run makes them alike."""
-        if self.z.shape[1] < LATENT_DIMS:
-            raise ValueError(f"STAGE.latent_prompt_mentions completes captions from z's first {LATENT_DIMS} "
-                             f"components, but this generator's z has {self.z.shape[1]}: set it to 0")
+        self._check_latents("latent_prompt_mentions")
         out = []
         for caption, z in zip(self.captions, self.z.detach().cpu().numpy()):
-            seed = zlib.crc32(np.ascontiguousarray(z, dtype=np.float32).tobytes())
+            seed = _latent_seed(z)
             if share < 1 and np.random.default_rng([seed, 1]).random() >= share:
                 out.append(caption)
                 continue
             out.append(complete_caption(caption, z, np.random.default_rng(seed), mentions))
         return out
+
+    def world_geometry(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The world's depth and head mask (each (n, 1, R, R): ray distance, hit fraction) of each
+        fake's person, seen from its camera (``STAGE.world_depth_weight``): the head whose
+        attributes are the caption's, completed from z as :meth:`completed_captions` completes them
+        (:func:`~dreamportrait.synthetic.attributes.attributes_from_latent`), its proportions drawn
+        from a seed of z's bytes."""
+        self._check_latents("world_depth_weight")
+        identities = [Identity(_latent_seed(z), attributes_from_latent(z, named_values(caption)))
+                      for caption, z in zip(self.captions, self.z.detach().cpu().numpy())]
+        out = render(identities, self.c.detach().cpu().float(), resolution, supersample=2)
+        return out["depth"].to(self.z.device), out["mask"].to(self.z.device)
+
+    def _check_latents(self, setting: str):
+        if self.z.shape[1] < LATENT_DIMS:
+            raise ValueError(f"STAGE.{setting} reads the attributes z's first {LATENT_DIMS} components stand "
+                             f"for, but this generator's z has {self.z.shape[1]}: set it to 0")
+
+
+def _latent_seed(z: np.ndarray) -> int:
+    """A seed from a latent's bytes: what a fake's completed caption and world head draw from, so a
+    resumed run draws them alike."""
+    return zlib.crc32(np.ascontiguousarray(z, dtype=np.float32).tobytes())
 
 
 class BatchSampler:

@@ -263,6 +263,12 @@ def make_caption(attributes: dict, rng: np.random.Generator, mentions: int | Non
     return text
 
 
+def named_values(caption: str) -> dict[str, str]:
+    """The attribute values ``caption`` names (:func:`parse_caption`), without those it leaves open
+    (a word naming two values counts as neither)."""
+    return {name: next(iter(values)) for name, values in parse_caption(caption).items() if len(values) == 1}
+
+
 def complete_caption(caption: str, z, rng: np.random.Generator, mentions: int = MAX_MENTIONS) -> str:
     """A training-grammar caption of the person ``caption`` describes, naming up to ``mentions``
     attributes in all: every value the caption names (:func:`parse_caption`; a word naming two
@@ -272,7 +278,7 @@ def complete_caption(caption: str, z, rng: np.random.Generator, mentions: int = 
 
     Attributes whose absence captions never state (beard, glasses, earrings, lipstick) are not
     added: z could only ever ask for their presence, which would push every latent towards it."""
-    given = {name: next(iter(values)) for name, values in parse_caption(caption).items() if len(values) == 1}
+    given = named_values(caption)
     attributes = attributes_from_latent(z, given)
     names = mentionable(attributes)
     named = [n for n in names if n in given]
