@@ -418,6 +418,20 @@ def test_prior_metrics_end_to_end_on_a_tiny_random_generator(tiny_prior, tiny_wo
     assert text_prior["prompt"] == "" and 0 <= text_prior["metrics"]["attribute_tv"]["value"] <= 1
 
 
+def test_depth_relief_tells_a_head_from_a_flat_sheet():
+    """The relief of a frontal depth map: how far the cheeks recede behind the face's centre. The
+    world's heads recede by 0.1-0.2; a sheet (the shipped model's failure) by nothing."""
+    from dreamportrait.cameras import camera_label
+    from dreamportrait.synthetic.attributes import Identity
+    from dreamportrait.synthetic.render import render
+    heads = render([Identity.from_seed(s) for s in range(4)], camera_label(0.0, 0.0).repeat(4, 1), 32)["depth"]
+    relief = ew.depth_relief(heads)
+    assert relief.shape == (4,) and bool((relief > 0.05).all() and (relief < 0.3).all()) and relief.median() > 0.1
+    sheet = torch.full((2, 1, 32, 32), 2.5)
+    tilted = sheet + torch.linspace(0, 0.2, 32)  # a sheet turned about the vertical axis: still no relief
+    assert ew.depth_relief(sheet).abs().max() < 1e-6 and ew.depth_relief(tilted).abs().max() < 1e-6
+
+
 def test_mismatched_captions_give_every_item_another_items_caption():
     captions = [f"caption {k}" for k in range(7)]
     for seed in range(5):
@@ -439,7 +453,10 @@ def test_text_metrics_end_to_end_on_a_tiny_random_generator(tiny_world, tiny_pri
              "--batch", "3", "--device", "cpu", "--out", str(out)])
     m = json.loads(out.read_text())["metrics"]
     assert set(m) == {"attribute_accuracy", "unconditional_accuracy", "heldout_attribute_accuracy", "diversity",
-                      "view_consistency", "latent_agreement"}
+                      "view_consistency", "latent_agreement", "depth_relief"}
+    relief = m["depth_relief"]  # the world's own heads recede towards the cheeks; the ratio is of medians
+    assert relief["items"] == 2 and relief["world"] > 0.05
+    assert relief["value"] == pytest.approx(relief["generated"] / relief["world"])
     assert 0 <= m["unconditional_accuracy"]["value"] <= 100
     assert 0 <= m["attribute_accuracy"]["value"] <= 100 and m["attribute_accuracy"]["views"] == list(ew.WORLD_VIEWS)
     held = m["heldout_attribute_accuracy"]

@@ -49,6 +49,11 @@ captions, same seeds):
   both sides). Score = generated / world; target >= 0.7. Only attributes the world varies under
   the caption (two or more values possible where seen) count, and only with 2 readings where seen;
 * multi-view consistency: the cross-view agreement above, on the data set's captions;
+* depth relief (no target; a diagnostic of the geometry behind consistency): each data-set
+  caption's portrait from the front, at the neural-rendering resolution, against the world's
+  render of the item's own person (:func:`depth_relief`: how far the cheeks recede behind the
+  centre of the face); score = generated / world median. A generator that paints its heads on a
+  flat sheet scores near 0 and reads differently from the side;
 * latent agreement (no target; meaningful for a generator trained with
   ``stage2.latent_prompt_mentions``, at chance for any other): on the diversity readings, how
   often an unnamed attribute reads as the value the seed's z stands for given the caption
@@ -157,6 +162,35 @@ def judge_readings(pipe, judge, jobs: Sequence[tuple[str, int]], psi: float, vie
         for v in views:
             out[v] += [hide_invisible(r) for r in judge.read(torch.cat(images[v]))]
     return out
+
+
+def depth_relief(depth: torch.Tensor) -> torch.Tensor:
+    """Frontal depth maps (n, 1, R, R) -> each one's relief: over the middle tenth of the rows, the
+    mean depth a quarter of the width either side of the centre column, minus the centre's. A head
+    seen from the front recedes towards its cheeks (the world's by 0.1-0.2); a sheet does not."""
+    size = depth.shape[-1]
+    centre, offset = size // 2, size // 4
+    band = depth[:, 0, int(0.45 * size):int(0.55 * size) + 1]
+    return ((band[..., centre - offset] + band[..., centre + offset]) / 2 - band[..., centre]).mean(1)
+
+
+@torch.no_grad()
+def relief_metric(pipe, items, seeds: Sequence[int], psi: float) -> dict:
+    """:func:`depth_relief` of each item's portrait (its caption, its seed) beside the world's
+    render of the item's own person from the same frontal camera; medians over the items."""
+    from dreamportrait.cameras import camera_label
+    from dreamportrait.synthetic.attributes import Identity
+    from dreamportrait.synthetic.render import render
+    records = [items.dataset.attributes[items.dataset.names[i]] for i in items.indices]
+    if any("identity_seed" not in r for r in records):
+        return {"skipped": "the data set's attributes.json has no identity_seed to rebuild each person from"}
+    generated = torch.cat([pipe.render(pipe.portrait(caption, seed, psi))["image_depth"].float().cpu()
+                           for caption, seed in zip(items.captions, seeds)])
+    camera = camera_label(0.0, 0.0, pivot=pipe.G.config.avg_camera_pivot, radius=pipe.G.config.avg_camera_radius)
+    world = render([Identity.from_seed(r["identity_seed"]) for r in records],
+                   camera.reshape(1, 25).repeat(len(records), 1), generated.shape[-1], supersample=2)["depth"]
+    g, w = float(depth_relief(generated).median()), float(depth_relief(world).median())
+    return {"value": g / w, "generated": g, "world": w, "items": len(records)}
 
 
 # ---- the prior ---------------------------------------------------------------------------------
@@ -343,6 +377,7 @@ def evaluate_text(checkpoint: str, data: str, judge: str, num: int = 1000, seed:
     metrics["diversity"] = diversity(frontal, items.mentioned[:count], diversity_seeds, split)
     metrics["latent_agreement"] = latent_agreement(frontal, items.mentioned[:count], diversity_seeds,
                                                    pipe.G.config.z_dim)
+    metrics["depth_relief"] = relief_metric(pipe, items, seeds, psi)
     agree = view_agreement(own)
     metrics["view_consistency"] = {"value": 100 * agree["value"], "unit": "percent",
                                    "per_attribute": {k: 100 * v for k, v in agree["per_attribute"].items()}}
@@ -414,6 +449,12 @@ def format_markdown(results: dict) -> str:
                     if "skipped" in latent else
                     ("unnamed attribute = what the seed's z stands for (%)", f"{latent['value']:.1f}", "",
                      f"chance {latent['chance']:.1f}; the diversity readings, {latent['pairs']} pairs"))
+    relief = m.get("depth_relief")  # evaluations written before session 17 have none
+    if relief is not None:
+        rows.append(("depth relief (generated / world)", "skipped", "", relief["skipped"]) if "skipped" in relief
+                    else ("depth relief (generated / world)", f"{relief['value']:.2f}", "",
+                          f"generated {relief['generated']:.3f}, world {relief['world']:.3f} (median over "
+                          f"{relief['items']} items, frontal)"))
     acc, uncond, held, div, cons = (m[k] for k in ("attribute_accuracy", "unconditional_accuracy",
                                                    "heldout_attribute_accuracy", "diversity", "view_consistency"))
     per = []
