@@ -72,8 +72,8 @@ def world_depth_loss(depth: torch.Tensor, world_depth: torch.Tensor, world_mask:
     """G's rendered depth (n, 1, R, R) against the world's for the same person and camera
     (:meth:`Fakes.world_geometry`): mean |depth - world depth| over the world's head pixels
     (weighted by their hit fraction), plus, over the pixels that miss it, how far G's depth comes
-    nearer than the head's farthest visible point (so the background lies behind the head, not on a sheet in front
-    of it). An extension (``STAGE.world_depth_weight``) against the flat heads that the GAN and
+    nearer than the head's farthest visible point (so the background lies behind the head, not on
+    a sheet in front of it). An extension (``STAGE.world_depth_weight``) against the flat heads that the GAN and
     guidance terms alone leave at 64 px: it gives the geometry only, never the colours."""
     head = world_mask.to(depth.dtype)
     far = (world_depth * (head > 0.5)).flatten(1).amax(1).view(-1, 1, 1, 1)
