@@ -590,9 +590,10 @@ def test_world_depth_extension_holds_the_rendered_depth_to_the_worlds_head(world
     root, data, teacher = world
     z = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
     fakes = Fakes(z, camera_label(20.0, 0.0).repeat(4, 1), ["A young woman with long black hair."] * 4)
-    depth, mask = fakes.world_geometry(32)
+    view = fakes.world_view(32)
+    depth, mask = view["depth"], view["mask"]
     assert depth.shape == mask.shape == (4, 1, 32, 32) and 0.2 < mask.mean() < 0.8
-    assert torch.equal(depth, fakes.world_geometry(32)[0]) and not torch.equal(depth[0], depth[1])  # z's heads
+    assert torch.equal(depth, fakes.world_view(32)["depth"]) and not torch.equal(depth[0], depth[1])  # z's heads
     far = depth.flatten(1).amax(1).view(-1, 1, 1, 1)
     exact = torch.where(mask > 0, depth, far + 0.3)
     assert world_depth_loss(exact, depth, mask).item() < 1e-6
@@ -605,6 +606,35 @@ def test_world_depth_extension_holds_the_rendered_depth_to_the_worlds_head(world
     assert record["loss/world_depth"] > 0
     with pytest.raises(ValueError, match="world_depth_weight=-1 must be >= 0"):
         validate(config(data, "stage2.world_depth_weight=-1", f"stage2.init={stage1_run}", f"teacher={teacher}"),
+                 "stage2")
+
+
+def test_world_colour_extension_holds_the_images_to_the_worlds_render_of_each_fakes_person(world, stage1_run,
+                                                                                           tmp_path):
+    """stage2.world_colour_weight (an extension for the synthetic world): the target is the world's
+    render of the fake's person (the caption's named attributes, the rest from z) from its camera;
+    images that are that render cost nothing, another person's render costs more, training logs the
+    term and moves G towards it, and a negative weight is refused."""
+    from train.loop import train, world_colour_loss
+    from train.sampling import Fakes
+    from dreamportrait.ops import resize
+    root, data, teacher = world
+    z = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    caption = "A young woman with long black hair."
+    front = Fakes(z, camera_label(0.0, 0.0).repeat(4, 1), [caption] * 4).world_view(16)["rgb"]
+    side = Fakes(z, camera_label(40.0, 0.0).repeat(4, 1), [caption] * 4).world_view(16)["rgb"]
+    assert front.shape == (4, 3, 16, 16) and -1 <= front.min() and front.max() <= 1
+    assert (front - side).abs().mean() > 0.02  # the camera's own view, not one picture for every view
+    assert world_colour_loss({"image_raw": front, "image": front}, front).item() < 1e-6
+    sharp = world_colour_loss({"image_raw": front, "image": resize(front, 64)}, front).item()
+    other = world_colour_loss({"image_raw": front.roll(1, 0), "image": resize(front.roll(1, 0), 64)}, front).item()
+    assert other > 3 * sharp > 0  # another person costs more than a 64 px image of the right one, resized
+    train(config(data, "stage2.world_colour_weight=1", "stage2.kimg=0.004", f"stage2.init={stage1_run}",
+                 f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
+    (record,) = read_log(tmp_path / "run")
+    assert record["loss/world_colour"] > 0 and "loss/world_depth" not in record
+    with pytest.raises(ValueError, match="world_colour_weight=-2 must be >= 0"):
+        validate(config(data, "stage2.world_colour_weight=-2", f"stage2.init={stage1_run}", f"teacher={teacher}"),
                  "stage2")
 
 

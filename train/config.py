@@ -67,6 +67,9 @@ class StageConfig:
     world_depth_weight: float = 0.0             # extension for the synthetic world, not the paper's: L1 between
                                                 # G's depth and the world's head for the caption completed from z
                                                 # (train/loop.py world_depth_loss); 0: off
+    world_colour_weight: float = 0.0            # extension for the synthetic world, not the paper's: L1 between
+                                                # G's images and the world's render of that head, at the neural
+                                                # rendering resolution (train/loop.py world_colour_loss); 0: off
     latent_prompt_share: float = 1.0            # with latent_prompt_mentions: the share of fakes whose caption is
                                                 # completed (a draw seeded by z); the others keep it as written
 
@@ -231,8 +234,9 @@ def validate(cfg: TrainConfig, stage: str) -> None:
                          "distribution SDS); keep the GAN term in this stage")
     if st.latent_prompt_mentions < 0:
         raise ValueError(f"{stage}.latent_prompt_mentions={st.latent_prompt_mentions} must be >= 0 (0: off)")
-    if st.world_depth_weight < 0:
-        raise ValueError(f"{stage}.world_depth_weight={st.world_depth_weight} must be >= 0 (0: off)")
+    for name in ("world_depth_weight", "world_colour_weight"):
+        if getattr(st, name) < 0:
+            raise ValueError(f"{stage}.{name}={getattr(st, name)} must be >= 0 (0: off)")
     if not 0 <= st.latent_prompt_share <= 1:
         raise ValueError(f"{stage}.latent_prompt_share={st.latent_prompt_share} must be in [0, 1] "
                          "(the share of fakes whose caption is completed)")

@@ -24,6 +24,7 @@ import torch
 
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import GENERATOR_FILE
+from dreamportrait.ops import resize
 from train.config import TrainConfig
 from train.distributed import (BufferAverager, DistInfo, average_gradients, broadcast_module, cleanup,
                                init_distributed)
@@ -70,7 +71,7 @@ def mode_seeking_loss(z: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) 
 
 def world_depth_loss(depth: torch.Tensor, world_depth: torch.Tensor, world_mask: torch.Tensor) -> torch.Tensor:
     """G's rendered depth (n, 1, R, R) against the world's for the same person and camera
-    (:meth:`Fakes.world_geometry`): mean |depth - world depth| over the world's head pixels
+    (:meth:`Fakes.world_view`): mean |depth - world depth| over the world's head pixels
     (weighted by their hit fraction), plus, over the pixels that miss it, how far G's depth comes
     nearer than the head's farthest visible point (so the background lies behind the head, not on
     a sheet in front of it). An extension (``STAGE.world_depth_weight``) against the flat heads that the GAN and
@@ -83,27 +84,42 @@ def world_depth_loss(depth: torch.Tensor, world_depth: torch.Tensor, world_mask:
     return on_head + behind
 
 
+def world_colour_loss(image: dict, world_rgb: torch.Tensor) -> torch.Tensor:
+    """G's images against the world's render of the same person and camera (:meth:`Fakes.world_view`,
+    at the neural-rendering resolution): L1 on the raw (volume-rendered) image plus L1 on the final
+    image resized to it, as the paired warm start measures (train/paired.py). An extension
+    (``STAGE.world_colour_weight``): the attributes the caption names and those completed from z are
+    shown from every camera the fakes take, so turned heads are drawn as heads, not as stripes."""
+    raw = (image["image_raw"] - world_rgb).abs().mean()
+    return raw + (resize(image["image"], world_rgb.shape[-1]) - world_rgb).abs().mean()
+
+
 def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
                gan_weight: float, cur_nimg: int, mode_seeking_weight: float = 0.0,
                real_cond: dict | None = None, latent_prompt_mentions: int = 0,
-               latent_prompt_share: float = 1.0, world_depth_weight: float = 0.0
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+               latent_prompt_share: float = 1.0, world_depth_weight: float = 0.0,
+               world_colour_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """One phase's loss on one micro-batch (``cond``: the fakes' text condition; ``real_cond``: the
     reals' captions', for a text-reading discriminator), and the scalars to log.
     With ``mode_seeking_weight`` > 0, G main's fakes come in pairs (:meth:`Fakes.in_pairs`); with
     ``latent_prompt_mentions`` > 0 the guidance reads each caption (or ``latent_prompt_share`` of
     them) completed from its z (:meth:`Fakes.completed_captions`) while G reads the caption itself;
-    with ``world_depth_weight`` > 0 G's depth is also held to the world's (:func:`world_depth_loss`)."""
+    with ``world_depth_weight`` > 0 G's depth is also held to the world's (:func:`world_depth_loss`), and
+    with ``world_colour_weight`` > 0 its colours (:func:`world_colour_loss`)."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
         loss, stats = 0.0, {}
         if mode_seeking_weight > 0:
             ms = mode_seeking_loss(fakes.z, img["image"])
             loss, stats = mode_seeking_weight * ms, {"loss/mode_seeking": ms.item()}
-        if world_depth_weight > 0:
-            depth = img["image_depth"]
-            geometry = world_depth_loss(depth, *fakes.world_geometry(depth.shape[-1]))
-            loss, stats["loss/world_depth"] = loss + world_depth_weight * geometry, geometry.item()
+        if world_depth_weight > 0 or world_colour_weight > 0:
+            world = fakes.world_view(img["image_depth"].shape[-1])
+            if world_depth_weight > 0:
+                geometry = world_depth_loss(img["image_depth"], world["depth"], world["mask"])
+                loss, stats["loss/world_depth"] = loss + world_depth_weight * geometry, geometry.item()
+            if world_colour_weight > 0:
+                colour = world_colour_loss(img, world["rgb"])
+                loss, stats["loss/world_colour"] = loss + world_colour_weight * colour, colour.item()
         if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
             gan_loss = gan.generator_loss(img, fakes.c, cur_nimg, cond)
             loss = loss + gan_weight * gan_loss
@@ -239,7 +255,8 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
                 with precision():
                     loss, s = phase_loss(phase.name, real, fakes, cond, gan, guidance, st.gan_weight, run.nimg,
                                          st.mode_seeking_weight, real_cond, st.latent_prompt_mentions,
-                                         st.latent_prompt_share, st.world_depth_weight)
+                                         st.latent_prompt_share, st.world_depth_weight,
+                                         st.world_colour_weight)
                 (loss * (phase.interval / len(reals))).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v / len(reals)

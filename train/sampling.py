@@ -67,17 +67,19 @@ class Fakes:
             out.append(complete_caption(caption, z, np.random.default_rng(seed), mentions))
         return out
 
-    def world_geometry(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The world's depth and head mask (each (n, 1, R, R): ray distance, hit fraction) of each
-        fake's person, seen from its camera (``STAGE.world_depth_weight``): the head whose
-        attributes are the caption's, completed from z as :meth:`completed_captions` completes them
+    def world_view(self, resolution: int) -> dict[str, torch.Tensor]:
+        """The world's render of each fake's person, seen from its camera (``STAGE.world_depth_weight``,
+        ``STAGE.world_colour_weight``): 'depth' and 'mask' (each (n, 1, R, R): ray distance, hit
+        fraction) and 'rgb' ((n, 3, R, R) in [-1, 1]) of the head whose attributes are the caption's,
+        completed from z as :meth:`completed_captions` completes them
         (:func:`~dreamportrait.synthetic.attributes.attributes_from_latent`), its proportions drawn
         from a seed of z's bytes."""
-        self._check_latents("world_depth_weight")
+        self._check_latents("world_depth_weight / world_colour_weight")
         identities = [Identity(_latent_seed(z), attributes_from_latent(z, named_values(caption)))
                       for caption, z in zip(self.captions, self.z.detach().cpu().numpy())]
         out = render(identities, self.c.detach().cpu().float(), resolution, supersample=2)
-        return out["depth"].to(self.z.device), out["mask"].to(self.z.device)
+        return {"depth": out["depth"].to(self.z.device), "mask": out["mask"].to(self.z.device),
+                "rgb": (out["rgb"] * 2 - 1).to(self.z.device)}
 
     def _check_latents(self, setting: str):
         if self.z.shape[1] < LATENT_DIMS:
