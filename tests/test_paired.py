@@ -12,7 +12,8 @@ from dreamportrait.generator import preset as generator_preset
 from dreamportrait.synthetic.attributes import (ATTRIBUTES, LATENT_DIMS, attribute_distribution,
                                                 attributes_from_latent, in_split)
 from train.config import apply_overrides, preset
-from train.paired import paired_batch, paired_loss, param_groups, train_paired
+from train.loop import param_groups
+from train.paired import paired_batch, paired_loss, train_paired
 
 TINY_G = generator_preset("tiny", neural_rendering_resolution=16)
 FAST = ["batch=4", "snapshot_every_kimg=0.004", "image_every_kimg=1000", "paired.workers=0",
@@ -113,7 +114,7 @@ def test_paired_loss_fits_the_worlds_renders():
 def test_with_full_rate_the_mapping_moves_as_fast_as_the_synthesis(full_rate, ratio):
     torch.manual_seed(0)
     G = TriPlaneGenerator(TINY_G).train()
-    groups = param_groups(G, 0.002, full_rate)
+    groups = param_groups(G, list(G.parameters()), 0.002, full_rate)
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in G.parameters())
     fc0, conv = G.backbone.mapping.fc0.weight, G.backbone.synthesis.b4.conv1.weight
     before = fc0.detach().clone(), conv.detach().clone()

@@ -638,6 +638,32 @@ def test_world_colour_extension_holds_the_images_to_the_worlds_render_of_each_fa
                  "stage2")
 
 
+def test_mapping_full_rate_moves_the_mapping_layers_as_fast_as_the_rest(world, stage1_run, tmp_path):
+    """STAGE.mapping_full_rate (an extension): the z mapping and the semantics mapping learn at G's
+    lr instead of EG3D's lr x 0.01, so one step moves them about 100x as far; the synthesis moves
+    as before."""
+    from dreamportrait.checkpoints import GENERATOR_FILE
+    from dreamportrait.text_generator import DreamPortraitGenerator
+    from train.loop import train
+    root, data, _ = world
+    start = DreamPortraitGenerator.from_pretrained(stage1_run / GENERATOR_FILE).state_dict()
+    moved = {}
+    for flag in ("false", "true"):
+        torch.manual_seed(0)
+        G = train(config(data, "stage1.kimg=0.004", f"stage1.init={stage1_run}", f"stage1.mapping_full_rate={flag}"),
+                  "stage1", tmp_path / flag, progress=False).G
+        now = G.state_dict()
+        moved[flag] = {name: float((now[name] - start[name]).norm() / start[name].norm())
+                       for name in now if name.endswith(("mapping.fc0.weight", "synthesis.b4.conv1.weight"))}
+    mapping = [n for n in moved["true"] if n.endswith("mapping.fc0.weight")]
+    synthesis = [n for n in moved["true"] if n.endswith("synthesis.b4.conv1.weight")]
+    assert mapping and synthesis
+    for n in mapping:
+        assert moved["true"][n] > 20 * moved["false"][n] > 0, (n, moved)
+    for n in synthesis:
+        assert moved["true"][n] == pytest.approx(moved["false"][n], rel=0.5), (n, moved)
+
+
 def test_text_discriminator_extension_reads_each_images_own_caption_and_learns_it(world, stage1_run, tmp_path):
     """STAGE.text_discriminator (an extension): a text-blind D gains a zero-initialised projection
     of the sentence feature, so it first judges exactly as before; the reals come with one of their

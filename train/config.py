@@ -72,6 +72,9 @@ class StageConfig:
                                                 # rendering resolution (train/loop.py world_colour_loss); 0: off
     latent_prompt_share: float = 1.0            # with latent_prompt_mentions: the share of fakes whose caption is
                                                 # completed (a draw seeded by z); the others keep it as written
+    mapping_full_rate: bool = False             # extension, not the paper's: the mapping layers (z's and the
+                                                # semantics mapping's) learn at G's lr, not EG3D's lr x 0.01
+                                                # (train/loop.py param_groups)
 
 
 @dataclass

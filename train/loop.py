@@ -24,6 +24,7 @@ import torch
 
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import GENERATOR_FILE
+from dreamportrait.layers import FullyConnectedLayer
 from dreamportrait.ops import resize
 from train.config import TrainConfig
 from train.distributed import (BufferAverager, DistInfo, average_gradients, broadcast_module, cleanup,
@@ -53,10 +54,29 @@ class Phase:
     generates: bool      # draws fresh fakes for each micro-batch (all but R1, which sees reals only)
 
 
-def make_optimizer(params, lr: float, betas, eps: float, reg_interval: int) -> torch.optim.Adam:
-    """Adam with EG3D's lazy-regularisation adjustment: lr * r/(r+1), betas ** (r/(r+1))."""
+def param_groups(G: torch.nn.Module, params: list[torch.nn.Parameter], lr: float, mapping_full_rate: bool) -> list[dict]:
+    """Adam groups of ``params`` (G's trainable ones). EG3D's mapping layers (and the semantics
+    mapping's) learn at lr x 0.01 (their equalised-lr multiplier), which steadies a GAN; with
+    ``mapping_full_rate`` (``STAGE.mapping_full_rate``, the paired warm start's default) those layers
+    get lr / multiplier, so their weights move at the rate of every other layer's: z then comes to
+    name attributes through the mapping in thousands of images rather than hundreds of thousands."""
+    if not mapping_full_rate:
+        return [{"params": params, "lr": lr}]
+    trainable = {id(p) for p in params}
+    slow = [m for m in G.modules() if isinstance(m, FullyConnectedLayer) and m.lr_multiplier != 1
+            and any(id(p) in trainable for p in m.parameters())]
+    ids = {id(p) for m in slow for p in m.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in ids], "lr": lr}]
+    return groups + [{"params": [p for p in m.parameters() if id(p) in trainable], "lr": lr / m.lr_multiplier}
+                     for m in slow]
+
+
+def make_optimizer(groups: list[dict], betas, eps: float, reg_interval: int) -> torch.optim.Adam:
+    """Adam over ``groups`` (:func:`param_groups`) with EG3D's lazy-regularisation adjustment:
+    each lr x r/(r+1), betas ** (r/(r+1))."""
     ratio = reg_interval / (reg_interval + 1) if reg_interval > 0 else 1.0
-    return torch.optim.Adam(params, lr=lr * ratio, betas=tuple(b ** ratio for b in betas), eps=eps)
+    return torch.optim.Adam([dict(g, lr=g["lr"] * ratio) for g in groups], betas=tuple(b ** ratio for b in betas),
+                            eps=eps)
 
 
 def mode_seeking_loss(z: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -196,8 +216,9 @@ def _train(cfg: TrainConfig, stage: str, run_dir: Path, resume: bool, progress: 
     G_params = [] if st.freeze_G else [p for p in G.parameters() if p.requires_grad]
     D_params = [] if st.freeze_D or st.gan_weight == 0 else [p for p in D.parameters() if p.requires_grad]
     o = cfg.optim
-    opt_G = make_optimizer(G_params, o.g_lr, o.betas, o.eps, o.g_reg_interval) if G_params else None
-    opt_D = make_optimizer(D_params, o.d_lr, o.betas, o.eps, o.d_reg_interval) if D_params else None
+    opt_G = (make_optimizer(param_groups(G, G_params, o.g_lr, st.mapping_full_rate), o.betas, o.eps, o.g_reg_interval)
+             if G_params else None)
+    opt_D = make_optimizer([{"params": D_params, "lr": o.d_lr}], o.betas, o.eps, o.d_reg_interval) if D_params else None
     phases = []
     if opt_G:
         phases += [Phase("Gmain", "G", 1, generates=True)]

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import GENERATOR_FILE
 from dreamportrait.generator import TriPlaneGenerator
-from dreamportrait.layers import FullyConnectedLayer
 from dreamportrait.ops import resize
 from dreamportrait.synthetic.attributes import Identity, attributes_from_latent, in_split
 from dreamportrait.synthetic.cameras import sample_labels
@@ -41,6 +40,7 @@ from dreamportrait.synthetic.dataset_writer import single_thread_worker
 from dreamportrait.synthetic.render import render
 from train.config import TrainConfig
 from train.ema import ema_beta, update_ema
+from train.loop import param_groups
 from train.models import generator_config, init_folder
 from train.run_files import RunFiles
 
@@ -104,19 +104,6 @@ def batches(seed: int, first: int, n: int, z_dim: int, resolution: int, workers:
     return iter(loader)
 
 
-def param_groups(G, lr: float, mapping_full_rate: bool) -> list[dict]:
-    """Adam groups. EG3D's mapping layers learn at lr x 0.01 (their equalised-lr multiplier), which
-    steadies a GAN; here z must come to name the attributes through the mapping, so with
-    ``mapping_full_rate`` those layers get lr / multiplier: their weights then move at the rate of
-    every other layer's."""
-    if not mapping_full_rate:
-        return [{"params": list(G.parameters()), "lr": lr}]
-    slow = [m for m in G.modules() if isinstance(m, FullyConnectedLayer) and m.lr_multiplier != 1]
-    ids = {id(p) for m in slow for p in m.parameters()}
-    groups = [{"params": [p for p in G.parameters() if id(p) not in ids], "lr": lr}]
-    return groups + [{"params": list(m.parameters()), "lr": lr / m.lr_multiplier} for m in slow]
-
-
 def paired_loss(G, batch: PairedBatch, raw_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 between G(z, c) and the render, on the final image and on the raw (neural) image."""
     out = G(batch.z, batch.c)
@@ -147,7 +134,8 @@ def train_paired(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, pr
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     for seed in (torch.manual_seed, np.random.seed, random.seed):
         seed(cfg.seed * 1000)
-    opt = torch.optim.Adam(param_groups(G, st.lr, st.mapping_full_rate), betas=tuple(st.betas), eps=cfg.optim.eps)
+    opt = torch.optim.Adam(param_groups(G, list(G.parameters()), st.lr, st.mapping_full_rate), betas=tuple(st.betas),
+                           eps=cfg.optim.eps)
 
     settings = {"stage": "paired", **cfg.to_dict()}
     del settings["paired"]["kimg"]
