@@ -612,23 +612,26 @@ def test_world_depth_extension_holds_the_rendered_depth_to_the_worlds_head(world
 def test_world_colour_extension_holds_the_images_to_the_worlds_render_of_each_fakes_person(world, stage1_run,
                                                                                            tmp_path):
     """stage2.world_colour_weight (an extension for the synthetic world): the target is the world's
-    render of the fake's person (the caption's named attributes, the rest from z) from its camera;
-    images that are that render cost nothing, another person's render costs more, training logs the
-    term and moves G towards it, and a negative weight is refused."""
-    from train.loop import train, world_colour_loss
+    render of the fake's person (the caption's named attributes, the rest from z) from its camera,
+    at the final resolution (the raw image against it resized); images that are that render cost
+    nothing, a blurred one costs, another person's render costs more, training logs the term, and a
+    negative weight is refused."""
+    from train.loop import image_l1, train
     from train.sampling import Fakes
     from dreamportrait.ops import resize
     root, data, teacher = world
     z = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
     caption = "A young woman with long black hair."
-    front = Fakes(z, camera_label(0.0, 0.0).repeat(4, 1), [caption] * 4).world_view(16)["rgb"]
-    side = Fakes(z, camera_label(40.0, 0.0).repeat(4, 1), [caption] * 4).world_view(16)["rgb"]
-    assert front.shape == (4, 3, 16, 16) and -1 <= front.min() and front.max() <= 1
+    front = Fakes(z, camera_label(0.0, 0.0).repeat(4, 1), [caption] * 4).world_view(32)["rgb"]
+    side = Fakes(z, camera_label(40.0, 0.0).repeat(4, 1), [caption] * 4).world_view(32)["rgb"]
+    assert front.shape == (4, 3, 32, 32) and -1 <= front.min() and front.max() <= 1
     assert (front - side).abs().mean() > 0.02  # the camera's own view, not one picture for every view
-    assert world_colour_loss({"image_raw": front, "image": front}, front).item() < 1e-6
-    sharp = world_colour_loss({"image_raw": front, "image": resize(front, 64)}, front).item()
-    other = world_colour_loss({"image_raw": front.roll(1, 0), "image": resize(front.roll(1, 0), 64)}, front).item()
-    assert other > 3 * sharp > 0  # another person costs more than a 64 px image of the right one, resized
+    exact = image_l1({"image_raw": resize(front, 16), "image": front}, front)
+    assert exact[0].item() == 0 and exact[1].item() < 1e-6
+    blurred = resize(resize(front, 16), 32)  # right colours, detail lost: the final image's term sees it
+    assert image_l1({"image_raw": resize(front, 16), "image": blurred}, front)[0].item() > 0.02
+    other = sum(image_l1({"image_raw": resize(front.roll(1, 0), 16), "image": front.roll(1, 0)}, front)).item()
+    assert other > 0.1  # another person's render
     train(config(data, "stage2.world_colour_weight=1", "stage2.kimg=0.004", f"stage2.init={stage1_run}",
                  f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
     (record,) = read_log(tmp_path / "run")

@@ -68,8 +68,8 @@ class StageConfig:
                                                 # G's depth and the world's head for the caption completed from z
                                                 # (train/loop.py world_depth_loss); 0: off
     world_colour_weight: float = 0.0            # extension for the synthetic world, not the paper's: L1 between
-                                                # G's images and the world's render of that head, at the neural
-                                                # rendering resolution (train/loop.py world_colour_loss); 0: off
+                                                # G's images (final and raw) and the world's render of that head
+                                                # (train/loop.py image_l1); 0: off
     latent_prompt_share: float = 1.0            # with latent_prompt_mentions: the share of fakes whose caption is
                                                 # completed (a draw seeded by z); the others keep it as written
     mapping_full_rate: bool = False             # extension, not the paper's: the mapping layers (z's and the

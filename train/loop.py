@@ -104,14 +104,12 @@ def world_depth_loss(depth: torch.Tensor, world_depth: torch.Tensor, world_mask:
     return on_head + behind
 
 
-def world_colour_loss(image: dict, world_rgb: torch.Tensor) -> torch.Tensor:
-    """G's images against the world's render of the same person and camera (:meth:`Fakes.world_view`,
-    at the neural-rendering resolution): L1 on the raw (volume-rendered) image plus L1 on the final
-    image resized to it, as the paired warm start measures (train/paired.py). An extension
-    (``STAGE.world_colour_weight``): the attributes the caption names and those completed from z are
-    shown from every camera the fakes take, so turned heads are drawn as heads, not as stripes."""
-    raw = (image["image_raw"] - world_rgb).abs().mean()
-    return raw + (resize(image["image"], world_rgb.shape[-1]) - world_rgb).abs().mean()
+def image_l1(images: dict, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 between G's final images and ``target`` (at their resolution, in [-1, 1]), and between its
+    raw (volume-rendered) images and ``target`` resized to theirs: what the paired warm start and
+    the world colour term (``STAGE.world_colour_weight``) measure."""
+    raw = (images["image_raw"] - resize(target, images["image_raw"].shape[-1])).abs().mean()
+    return (images["image"] - target).abs().mean(), raw
 
 
 def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: GANLoss, guidance: Guidance | None,
@@ -125,21 +123,20 @@ def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: G
     ``latent_prompt_mentions`` > 0 the guidance reads each caption (or ``latent_prompt_share`` of
     them) completed from its z (:meth:`Fakes.completed_captions`) while G reads the caption itself;
     with ``world_depth_weight`` > 0 G's depth is also held to the world's (:func:`world_depth_loss`), and
-    with ``world_colour_weight`` > 0 its colours (:func:`world_colour_loss`)."""
+    with ``world_colour_weight`` > 0 its images to the world's render (:func:`image_l1`)."""
     if phase == "Gmain":
         img = gan.fakes(fakes.z, fakes.c, cond, cur_nimg)
         loss, stats = 0.0, {}
         if mode_seeking_weight > 0:
             ms = mode_seeking_loss(fakes.z, img["image"])
             loss, stats = mode_seeking_weight * ms, {"loss/mode_seeking": ms.item()}
-        if world_depth_weight > 0 or world_colour_weight > 0:
+        if world_depth_weight > 0:
             world = fakes.world_view(img["image_depth"].shape[-1])
-            if world_depth_weight > 0:
-                geometry = world_depth_loss(img["image_depth"], world["depth"], world["mask"])
-                loss, stats["loss/world_depth"] = loss + world_depth_weight * geometry, geometry.item()
-            if world_colour_weight > 0:
-                colour = world_colour_loss(img, world["rgb"])
-                loss, stats["loss/world_colour"] = loss + world_colour_weight * colour, colour.item()
+            geometry = world_depth_loss(img["image_depth"], world["depth"], world["mask"])
+            loss, stats["loss/world_depth"] = loss + world_depth_weight * geometry, geometry.item()
+        if world_colour_weight > 0:  # the world's render at the final resolution, so the SR's detail counts
+            colour = sum(image_l1(img, fakes.world_view(img["image"].shape[-1])["rgb"]))
+            loss, stats["loss/world_colour"] = loss + world_colour_weight * colour, colour.item()
         if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
             gan_loss = gan.generator_loss(img, fakes.c, cur_nimg, cond)
             loss = loss + gan_weight * gan_loss

@@ -28,19 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import GENERATOR_FILE
 from dreamportrait.generator import TriPlaneGenerator
-from dreamportrait.ops import resize
 from dreamportrait.synthetic.attributes import Identity, attributes_from_latent, in_split
 from dreamportrait.synthetic.cameras import sample_labels
 from dreamportrait.synthetic.dataset_writer import single_thread_worker
 from dreamportrait.synthetic.render import render
 from train.config import TrainConfig
 from train.ema import ema_beta, update_ema
-from train.loop import param_groups
+from train.loop import image_l1, param_groups
 from train.models import generator_config, init_folder
 from train.run_files import RunFiles
 
@@ -106,9 +104,7 @@ def batches(seed: int, first: int, n: int, z_dim: int, resolution: int, workers:
 
 def paired_loss(G, batch: PairedBatch, raw_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 between G(z, c) and the render, on the final image and on the raw (neural) image."""
-    out = G(batch.z, batch.c)
-    image = F.l1_loss(out["image"], batch.target)
-    raw = F.l1_loss(out["image_raw"], resize(batch.target, out["image_raw"].shape[-1]))
+    image, raw = image_l1(G(batch.z, batch.c), batch.target)
     return image + raw_weight * raw, {"loss/l1_image": image.item(), "loss/l1_raw": raw.item()}
 
 
