@@ -426,6 +426,24 @@ def test_one_attribute_swap_changes_the_expected_region():
             assert inside >= 0.9 * count, (attr, value, yaw, inside, count)
 
 
+def test_a_render_pooled_to_a_coarser_resolution_is_that_resolution_rendered_with_more_subsamples():
+    """coarser(): one 32^2 render (2x supersampled) pooled to 16^2 is the 16^2 render with 4x4
+    subsamples (the same rays): depth the mean over hits, 0 where a block has none; a resolution
+    that does not divide is refused."""
+    from dreamportrait.synthetic.render import coarser
+    people = [Identity(4242, dict(BASE)), Identity(7, dict(BASE, hair_style="long"))]
+    labels = camera_label([0.0, 35.0], [0.0, 5.0])
+    pooled = coarser(render(people, labels, 32, supersample=2), 16)
+    direct = render(people, labels, 16, supersample=4)
+    assert 0.05 < float((pooled["mask"] % 1).gt(0).float().mean()) < 0.5  # edges: partly hit blocks
+    for key in ("rgb", "depth", "mask"):
+        assert pooled[key].shape == direct[key].shape
+        torch.testing.assert_close(pooled[key], direct[key], atol=1e-5, rtol=0)
+    assert torch.equal(pooled["depth"][pooled["mask"] == 0], torch.zeros(int((pooled["mask"] == 0).sum())))
+    with pytest.raises(ValueError, match="divides 32, got 12"):
+        coarser(render(people, labels, 32), 12)
+
+
 def test_cli_writes_a_data_set_and_refuses_to_overwrite(tmp_path, capsys):
     from dreamportrait.synthetic.__main__ import main
     main(["--out", str(tmp_path / "cli"), "--num", "2", "--res", "16", "--seed", "1", "--views", "2"])

@@ -610,12 +610,12 @@ def test_world_depth_extension_holds_the_rendered_depth_to_the_worlds_head(world
 
 
 def test_world_colour_extension_holds_the_images_to_the_worlds_render_of_each_fakes_person(world, stage1_run,
-                                                                                           tmp_path):
+                                                                                           tmp_path, monkeypatch):
     """stage2.world_colour_weight (an extension for the synthetic world): the target is the world's
     render of the fake's person (the caption's named attributes, the rest from z) from its camera,
     at the final resolution (the raw image against it resized); images that are that render cost
-    nothing, a blurred one costs, another person's render costs more, training logs the term, and a
-    negative weight is refused."""
+    nothing, a blurred one costs, another person's render costs more, training logs the term (with
+    the depth term, from one trace of the world per step), and a negative weight is refused."""
     from train.loop import image_l1, train
     from train.sampling import Fakes
     from dreamportrait.ops import resize
@@ -632,10 +632,14 @@ def test_world_colour_extension_holds_the_images_to_the_worlds_render_of_each_fa
     assert image_l1({"image_raw": resize(front, 16), "image": blurred}, front)[0].item() > 0.02
     other = sum(image_l1({"image_raw": resize(front.roll(1, 0), 16), "image": front.roll(1, 0)}, front)).item()
     assert other > 0.1  # another person's render
-    train(config(data, "stage2.world_colour_weight=1", "stage2.kimg=0.004", f"stage2.init={stage1_run}",
-                 f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
+    from dreamportrait.synthetic.render import render
+    traced = []  # with both world terms on, the world is traced once per G step, at the final resolution
+    monkeypatch.setattr("train.sampling.render", lambda *a, **k: traced.append(a[2]) or render(*a, **k))
+    train(config(data, "stage2.world_colour_weight=1", "stage2.world_depth_weight=1", "stage2.kimg=0.004",
+                 f"stage2.init={stage1_run}", f"teacher={teacher}"), "stage2", tmp_path / "run", progress=False)
     (record,) = read_log(tmp_path / "run")
-    assert record["loss/world_colour"] > 0 and "loss/world_depth" not in record
+    assert record["loss/world_colour"] > 0 and record["loss/world_depth"] > 0
+    assert traced == [generator_preset("tiny").img_resolution]  # 64: not again at the depth's 16
     with pytest.raises(ValueError, match="world_colour_weight=-2 must be >= 0"):
         validate(config(data, "stage2.world_colour_weight=-2", f"stage2.init={stage1_run}", f"teacher={teacher}"),
                  "stage2")

@@ -26,6 +26,7 @@ from dreamportrait.cameras import camera_label
 from dreamportrait.checkpoints import GENERATOR_FILE
 from dreamportrait.layers import FullyConnectedLayer
 from dreamportrait.ops import resize
+from dreamportrait.synthetic.render import coarser
 from train.config import TrainConfig
 from train.distributed import (BufferAverager, DistInfo, average_gradients, broadcast_module, cleanup,
                                init_distributed)
@@ -130,12 +131,15 @@ def phase_loss(phase: str, reals: Reals, fakes: Fakes | None, cond: dict, gan: G
         if mode_seeking_weight > 0:
             ms = mode_seeking_loss(fakes.z, img["image"])
             loss, stats = mode_seeking_weight * ms, {"loss/mode_seeking": ms.item()}
+        if world_depth_weight > 0 or world_colour_weight > 0:  # one world render per step, at the finest
+            # resolution a term reads: the final one for colour (so the SR's detail counts), the depth's else
+            world = fakes.world_view(img["image" if world_colour_weight > 0 else "image_depth"].shape[-1])
         if world_depth_weight > 0:
-            world = fakes.world_view(img["image_depth"].shape[-1])
-            geometry = world_depth_loss(img["image_depth"], world["depth"], world["mask"])
+            coarse = coarser(world, img["image_depth"].shape[-1])
+            geometry = world_depth_loss(img["image_depth"], coarse["depth"], coarse["mask"])
             loss, stats["loss/world_depth"] = loss + world_depth_weight * geometry, geometry.item()
-        if world_colour_weight > 0:  # the world's render at the final resolution, so the SR's detail counts
-            colour = sum(image_l1(img, fakes.world_view(img["image"].shape[-1])["rgb"]))
+        if world_colour_weight > 0:
+            colour = sum(image_l1(img, world["rgb"]))
             loss, stats["loss/world_colour"] = loss + world_colour_weight * colour, colour.item()
         if gan_weight > 0:  # without the GAN term (the ablation) D is neither run nor trained
             gan_loss = gan.generator_loss(img, fakes.c, cur_nimg, cond)

@@ -380,3 +380,21 @@ def render(identities: Sequence[Identity] | HeadBatch, labels: Tensor, resolutio
     if parts:
         result["parts"] = pool(F.one_hot(part, len(PARTS) + 1)[:, :-1].float(), len(PARTS))
     return result
+
+
+def coarser(view: dict[str, Tensor], resolution: int) -> dict[str, Tensor]:
+    """A :func:`render` result ('depth', 'mask' and any of 'rgb', 'parts') at a coarser
+    ``resolution`` that divides its own, without tracing again: hit fractions, colours and parts
+    averaged over each block, depth averaged over the block's hits (0 where none). It is what
+    :func:`render` returns at that resolution with ``supersample`` times the factor, up to float
+    rounding (the same rays)."""
+    size = view["mask"].shape[-1]
+    if resolution < 1 or size % resolution:
+        raise ValueError(f"a {size}^2 render pools only to a resolution that divides {size}, got {resolution}")
+    factor = size // resolution
+    if factor == 1:
+        return dict(view)
+    out = {k: F.avg_pool2d(v, factor) for k, v in view.items() if k != "depth"}
+    hits = F.avg_pool2d(view["depth"] * view["mask"], factor)
+    out["depth"] = torch.where(out["mask"] > 0, hits / out["mask"].clamp_min(1e-6), torch.zeros_like(hits))
+    return out
